@@ -1,0 +1,39 @@
+"""`swim` command line: one entry point, subcommands dispatched lazily to their modules.
+
+Each subcommand lives in the module that owns the work and exposes `main(argv)`; importing is deferred so
+that `swim --help` is instant and `swim tiny` does not import TRL.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, help). Two-word commands ("data synth", "eval bench-q") are keyed with a space.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny": ("swim.tiny", "write a tiny random Qwen2.5-VL checkpoint"),
+    "bench overhead": ("benchmarks.attention_overhead", "attention-capture overhead benchmark"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: swim COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for n_words in (2, 1):
+        name = " ".join(argv[:n_words])
+        if len(argv) >= n_words and name in COMMANDS:
+            module = importlib.import_module(COMMANDS[name][0])
+            return module.main(argv[n_words:])
+    print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+
+
+if __name__ == "__main__":
+    main()
