@@ -42,9 +42,7 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2/Qwen2.5 models).
-QWEN_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # The Qwen2-VL / Qwen2.5-VL chat template.
 QWEN2_VL_CHAT_TEMPLATE = (

@@ -1,0 +1,12 @@
+"""Attention capture and grounding losses for Qwen2.5-VL on stock transformers (our "patched model")."""
+
+from swim.modeling.capture import AttentionProbe, attention_maps, default_supervised_layers
+from swim.modeling.objective import GroundingConfig, grounding_loss
+
+__all__ = [
+    "AttentionProbe",
+    "GroundingConfig",
+    "attention_maps",
+    "default_supervised_layers",
+    "grounding_loss",
+]

@@ -1,0 +1,114 @@
+"""Qwen2.5-VL whose forward also takes the grounding targets and returns `loss`, `loss_text`, `loss_attn`.
+
+No new parameters and no changed modules: it is the stock class plus an `AttentionProbe` (forward pre-hooks on
+the supervised decoder layers). It loads stock checkpoints and saves plain Qwen2.5-VL checkpoints
+(`architectures: ["Qwen2_5_VLForConditionalGeneration"]`) that every tool loads with the stock class.
+
+Note: TRL's `SFTTrainer` never calls this forward (it calls the backbone with a fused LM head);
+`swim.trainer.SwimSFTTrainer` computes the same objective through `compute_loss` with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swim.modeling.capture import AttentionProbe
+from swim.modeling.objective import GroundingConfig, grounding_loss, has_queries
+
+STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+
+
+@dataclass
+class SwimCausalLMOutput(CausalLMOutputWithPast):
+    """`loss = text_weight · loss_text + attn_weight · loss_attn`; `loss_attn` is None without grounding."""
+
+    loss_text: torch.FloatTensor | None = None
+    loss_attn: torch.FloatTensor | None = None
+
+
+class SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, config, grounding_config: GroundingConfig | None = None):
+        super().__init__(config)
+        self.grounding_config = grounding_config or GroundingConfig()
+        self._probe: AttentionProbe | None = None
+
+    def configure_grounding(self, grounding_config: GroundingConfig) -> None:
+        """Set the loss settings (and supervised layers) used by `forward(grounding=...)`."""
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        self.grounding_config = grounding_config
+
+    @property
+    def probe(self) -> AttentionProbe:
+        if self._probe is None:
+            self._probe = AttentionProbe(self, self.grounding_config.layers)
+        return self._probe
+
+    def forward(self, *args, grounding: dict | None = None, **kwargs) -> SwimCausalLMOutput:
+        """Stock forward; with `grounding` (docs/batch_contract.md) and `labels`, the SWIM objective."""
+        if not has_queries(grounding):
+            outputs = super().forward(*args, **kwargs)
+            return SwimCausalLMOutput(**outputs, loss_text=outputs.loss)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("grounding needs input_ids (video tokens are located by their id)")
+        cfg = self.grounding_config
+        with self.probe.capture():
+            outputs = super().forward(*args, **kwargs)
+        try:
+            loss_attn, _ = grounding_loss(
+                self.probe,
+                grounding,
+                input_ids,
+                kwargs.get("attention_mask"),
+                self.config.video_token_id,
+                cfg,
+            )
+        finally:
+            self.probe.clear()
+        loss_text = outputs.loss
+        loss = None if loss_text is None else cfg.text_weight * loss_text + cfg.attn_weight * loss_attn
+        return SwimCausalLMOutput(**{**outputs, "loss": loss}, loss_text=loss_text, loss_attn=loss_attn)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a plain Qwen2.5-VL checkpoint (the stock class name in `config.json`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        config_path = os.path.join(save_directory, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+            config["architectures"] = [STOCK_ARCHITECTURE]
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+        self.config.architectures = [STOCK_ARCHITECTURE]
+
+
+# Checkpoints use Qwen's legacy key layout, converted on load by a mapping looked up by class name; classes
+# defined outside transformers need it registered (platform notes §7, gotcha 2).
+register_checkpoint_conversion_mapping(
+    SwimQwen2_5_VLForConditionalGeneration.__name__,
+    get_checkpoint_conversion_mapping(STOCK_ARCHITECTURE),
+    overwrite=True,
+)
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Freeze the vision tower including the patch merger (every parameter under `visual`). Returns the count."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".visual." in f".{name}" and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen

@@ -1,0 +1,108 @@
+"""The real `SFTTrainer.train()` path trains the grounding loss; checkpoints stay plain Qwen2.5-VL."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from swim.modeling.capture import find_decoder_layers
+from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
+from swim.modeling.objective import GroundingConfig
+from swim.trainer import SwimSFTConfig, SwimSFTTrainer
+from tests.synthetic_batches import video_batch
+
+SPECS = [
+    dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),
+    dict(videos=[(2, 4, 8)], text=8, queries=[(2, 0)], objects=1),
+    dict(videos=[(2, 4, 4)], text=5),  # no masks: text loss only
+    dict(videos=[(2, 4, 4)], text=7, queries=[(3, 0)], objects=1),
+]
+
+
+def train(
+    ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=Qwen2_5_VLForConditionalGeneration
+):
+    model = model_cls.from_pretrained(ckpt)
+    args = SwimSFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        attn_layers=[1, 3],
+        attn_weight=attn_weight,
+        activation_checkpointing=checkpointing is not None,
+        activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"},
+    )
+    trainer = SwimSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"index": list(range(len(SPECS)))}),
+        data_collator=lambda rows: video_batch(model.config, [SPECS[r["index"]] for r in rows]),
+        processing_class=AutoTokenizer.from_pretrained(ckpt),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return trainer, before
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_attention_loss_changes_the_supervised_layers_in_sft_trainer_train(
+    tiny_ckpt, tmp_path, checkpointing
+):
+    with_attn, before = train(tiny_ckpt, tmp_path / "a", attn_weight=1.0, checkpointing=checkpointing)
+    text_only, _ = train(tiny_ckpt, tmp_path / "b", attn_weight=0.0, checkpointing=checkpointing)
+    logs_a, logs_b = with_attn.state.log_history[0], text_only.state.log_history[0]
+    assert logs_a["loss_text"] == pytest.approx(logs_b["loss_text"], rel=1e-6)  # same data, same start
+    assert logs_a["loss_attn"] > 0 and logs_b["loss_attn"] == pytest.approx(logs_a["loss_attn"], rel=1e-6)
+    assert logs_a["loss"] > logs_b["loss"]
+    layers_a = find_decoder_layers(with_attn.model)
+    layers_b = find_decoder_layers(text_only.model)
+    for i in (1, 3):
+        for name in ("q_proj", "k_proj"):
+            wa = getattr(layers_a[i].self_attn, name).weight
+            wb = getattr(layers_b[i].self_attn, name).weight
+            assert not torch.equal(wa, wb), f"attention loss did not change layer {i} {name}"
+    # the vision tower and merger are frozen by default
+    for name, p in with_attn.model.named_parameters():
+        if ".visual." in f".{name}":
+            assert not p.requires_grad and torch.equal(p, before[name])
+
+
+def test_checkpoint_is_plain_qwen2_5_vl(tiny_ckpt, tmp_path):
+    trainer, _ = train(
+        tiny_ckpt, tmp_path / "run", attn_weight=1.0, model_cls=SwimQwen2_5_VLForConditionalGeneration
+    )
+    trainer.save_model(str(tmp_path / "ckpt"))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "ckpt", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(model.get_parameter(name), p.detach(), rtol=0, atol=0)
+
+
+def test_model_forward_returns_both_losses(tiny_ckpt):
+    model, info = SwimQwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.configure_grounding(GroundingConfig(layers=[1, 3], attn_weight=0.5, text_weight=0.05))
+    batch = video_batch(model.config, SPECS[:2])
+    out = model(**batch)
+    assert out.loss_attn > 0
+    torch.testing.assert_close(out.loss, 0.05 * out.loss_text + 0.5 * out.loss_attn)
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt)
+    batch.pop("grounding")
+    torch.testing.assert_close(out.loss_text, plain(**batch).loss)
+    no_grounding = model(**batch)
+    assert no_grounding.loss_attn is None and torch.equal(no_grounding.loss, no_grounding.loss_text)
