@@ -15,6 +15,9 @@ $(STAMP): requirements-cpu.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -e .
+	# torchvision here is a CUDA build: let it import on CPU (only the official-processor test and the
+	# qwen-vl-utils baseline use it; the swim package does not)
+	$(BIN)/python tools/install_tv_shim.py
 	touch $(STAMP)
 
 lint: setup
@@ -29,7 +32,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/swim demo --out runs/demo
+	$(BIN)/swim demo --config recipes/demo.yaml --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

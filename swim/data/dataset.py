@@ -1,0 +1,272 @@
+"""`SwimDataset`: records → per-sample tensors of the batch contract (``docs/batch_contract.md``).
+
+Per sample: probe the video, run the shared record checks (`swim.data.validate.check_record`), load the
+frames keeping every annotated frame (`swim.data.video.load_video(keep=...)`), render and align the text
+(`swim.data.tags.build_text`), and turn each object's masks into per-token area fractions
+(`swim.data.masks.object_group_targets`).
+
+Bad records never crash training. A Dataset must return something for every index, so on a bad record
+(malformed record, missing/corrupt video, undecodable mask, mask size != video size, frame index beyond the
+video, bad tags, too long) ``__getitem__(i)`` returns the next good record ``i+1, i+2, …`` (at most
+``max_attempts`` tries, then it raises), remembers the bad index so it is not decoded again, and counts the
+skip by reason in `SkipCounter` (logged every ``log_every`` skips and by `SwimDataset.log_skips`; with
+DataLoader workers each worker counts its own). A tag/object count mismatch is not a skip: the sample keeps
+its text loss, drops attention supervision, and is counted as ``supervision_dropped:tag_count``.
+``strict=True`` raises the first problem as `RecordError` (file, record index, field, reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from swim.data.masks import MaskDecodeError, annotated_frames, object_group_targets
+from swim.data.records import Record, RecordError
+from swim.data.tags import SWIM_SYSTEM_PROMPT, TagError, build_text
+from swim.data.validate import check_record, probe_media, turn_field
+from swim.data.video import (
+    VideoDecodeError,
+    VideoInfo,
+    VideoSettings,
+    load_video,
+    patchify,
+    resize_frames,
+    smart_resize,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Counts skipped records (and dropped supervision) by reason; logs a summary every ``log_every``."""
+
+    def __init__(self, log_every: int = 100):
+        self.counts: Counter[str] = Counter()
+        self.log_every = log_every
+        self._n = 0
+
+    def add(self, code: str, err: Exception | str) -> None:
+        first = code not in self.counts
+        self.counts[code] += 1
+        self._n += 1
+        if first:
+            logger.warning("data problem (%s, first of its kind): %s", code, err)
+        if self.log_every and self._n % self.log_every == 0:
+            self.log()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{code}: {n}" for code, n in self.counts.most_common()) or "none"
+
+    def log(self) -> None:
+        if self.counts:
+            logger.warning("data problems so far: %s", self.summary())
+
+
+class SwimDataset(Dataset):
+    """Lazily turns records into contract samples (see the module docstring for the skip policy).
+
+    ``records``: records from `swim.data.records.load_records` or `swim.data.mixture.load_mixture` (their
+    ``data_root`` is already set). ``supervise_qa``: give NL-Refer QA records attention supervision too (the
+    official code trains them text-only). ``pair_mode``: how the two frames of a temporal group combine into
+    one target (``"union"``; see `swim.data.masks`). ``max_length``: skip longer samples (None: no limit).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        settings: VideoSettings,
+        tokenizer,
+        *,
+        strict: bool = False,
+        system_prompt: str | None = SWIM_SYSTEM_PROMPT,
+        supervise_qa: bool = False,
+        pair_mode: str = "union",
+        max_length: int | None = None,
+        max_attempts: int = 20,
+        log_every: int = 100,
+    ):
+        if not records:
+            raise ValueError("SwimDataset needs at least one record")
+        self.records = list(records)
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.strict = strict
+        self.system_prompt = system_prompt
+        self.supervise_qa = supervise_qa
+        self.pair_mode = pair_mode
+        self.max_length = max_length
+        self.max_attempts = max_attempts
+        self.skips = SkipCounter(log_every)
+        self._bad: set[int] = set()
+        self._probes: dict[Path, VideoInfo | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self.records)
+        tried = 0
+        for step in range(n):
+            j = (i + step) % n
+            if j in self._bad:
+                continue
+            try:
+                return self.build(self.records[j])
+            except RecordError as e:
+                if self.strict:
+                    raise
+                self._bad.add(j)
+                self.skips.add(e.code, e)
+            tried += 1
+            if tried >= self.max_attempts:
+                break
+        raise RuntimeError(
+            f"{tried} bad records in a row from index {i} (skips so far: {self.skips.summary()}); "
+            "run `swim validate` on the data"
+        )
+
+    def log_skips(self) -> None:
+        """Log the skip summary (call at the end of training)."""
+        logger.info("SwimDataset: %d records, skipped/dropped: %s", len(self), self.skips.summary())
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def build(self, record: Record) -> dict[str, torch.Tensor]:
+        """The contract sample of one record; raises `RecordError` (with a ``code``) for a bad record."""
+        supervise = not record.text_only(self.supervise_qa)
+        info = self._probe(record)  # cached per video path
+        # A tag/object count mismatch only drops supervision (counted below), it does not skip the record.
+        problems = check_record(
+            record, info, decode_masks=False, supervise_qa=self.supervise_qa, masks=supervise
+        )
+        problems = [p for p in problems if p.code != "tag_count"]
+        if problems:
+            raise problems[0]
+
+        kind, path = record.media
+        sample: dict[str, torch.Tensor] = {}
+        if kind == "video":
+            keep = (
+                sorted({f for obj in record.annotation for f in annotated_frames(obj)}) if supervise else []
+            )
+            try:
+                clip = load_video(path, self.settings, keep=keep)
+            except (VideoDecodeError, ValueError) as e:
+                raise record.error("video", f"cannot decode: {e}", "unreadable_video") from None
+            grid = clip.grid_thw
+            sample["pixel_values_videos"] = clip.pixel_values
+            sample["video_grid_thw"] = torch.tensor([grid], dtype=torch.long)
+            sample["second_per_grid_ts"] = torch.tensor([clip.second_per_grid_ts], dtype=torch.float32)
+        else:
+            pixel_values, grid = self._load_image(record, path)
+            sample["pixel_values"] = pixel_values
+            sample["image_grid_thw"] = torch.tensor([grid], dtype=torch.long)
+        m2 = self.settings.merge_size**2
+        n_tokens = grid[0] * grid[1] * grid[2] // m2
+
+        try:
+            text = build_text(
+                self.tokenizer,
+                record.turns(),
+                media=[(kind, n_tokens)],
+                n_objects=len(record.annotation) if supervise else 0,
+                supervise=supervise,
+                system_prompt=self.system_prompt,
+            )
+        except TagError as e:
+            raise record.error(turn_field(record, e.turn or 0), e.reason, "tags") from None
+        if self.max_length is not None and len(text.input_ids) > self.max_length:
+            raise record.error(
+                "<sample>", f"{len(text.input_ids)} tokens > max_length {self.max_length}", "too_long"
+            )
+        if text.skip_reason:
+            self.skips.add(
+                "supervision_dropped:tag_count", f"{record.source}:{record.position}: {text.skip_reason}"
+            )
+
+        sample.update(
+            input_ids=text.input_ids,
+            labels=text.labels,
+            mm_token_type_ids=text.mm_token_type_ids,
+            query_positions=text.query_positions,
+            query_objects=text.query_objects,
+        )
+        k_video = n_tokens if kind == "video" else 0
+        groups = grid[0] if kind == "video" else 0
+        if kind == "video" and len(text.query_positions) > 0:
+            targets, valid = self._targets(record, clip)
+        else:
+            targets = torch.zeros(0, k_video, dtype=torch.float32)
+            valid = torch.zeros(0, groups, dtype=torch.bool)
+        sample["object_targets"] = targets
+        sample["object_group_valid"] = valid
+        tokens_per_group = k_video // groups if groups else 0
+        sample["video_token_group"] = torch.arange(groups, dtype=torch.long).repeat_interleave(
+            tokens_per_group
+        )
+        return sample
+
+    def _targets(self, record: Record, clip) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per object: area fractions [n_obj, K] and group validity [n_obj, G] for the clip's frames."""
+        t, h, w = clip.grid_thw
+        m = self.settings.merge_size
+        k = t * (h // m) * (w // m)
+        targets, valid = [], []
+        for o, obj in enumerate(record.annotation):
+            try:
+                tg, vg = object_group_targets(
+                    obj,
+                    clip.frame_indices,
+                    clip.original_hw,
+                    clip.resized_hw,
+                    temporal_patch=self.settings.temporal_patch_size,
+                    pair_mode=self.pair_mode,
+                )
+            except (MaskDecodeError, ValueError) as e:
+                raise record.error(
+                    f"annotation[{o}]", f"cannot build mask targets: {e}", "mask_decode"
+                ) from None
+            tg, vg = (
+                torch.as_tensor(np.asarray(tg), dtype=torch.float32),
+                torch.as_tensor(np.asarray(vg), dtype=torch.bool),
+            )
+            if tg.shape[0] != t or tg.numel() != k or vg.shape != (t,):
+                raise record.error(
+                    f"annotation[{o}]",
+                    f"mask targets {tuple(tg.shape)} / valid {tuple(vg.shape)} do not match grid {clip.grid_thw}",
+                    "mask_size",
+                )
+            targets.append(tg.reshape(k))
+            valid.append(vg)
+        return torch.stack(targets), torch.stack(valid)
+
+    def _probe(self, record: Record) -> VideoInfo | None:
+        path = record.media[1]
+        if path not in self._probes:
+            if len(self._probes) > 50_000:
+                self._probes.clear()
+            self._probes[path] = probe_media(record, self.settings)
+        return self._probes[path]
+
+    def _load_image(self, record: Record, path: Path) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image as a single temporal group (the frame repeated over the temporal patch, as Qwen does)."""
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                rgb = np.array(im.convert("RGB"))
+        except Exception as e:
+            raise record.error("image", f"unreadable: {path}: {e}", "unreadable_image") from None
+        s = self.settings
+        hw = smart_resize(rgb.shape[0], rgb.shape[1], s.factor, s.min_pixels, s.max_pixels)
+        return patchify(resize_frames(rgb[None], hw), s)

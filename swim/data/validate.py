@@ -1,0 +1,236 @@
+"""``swim validate PATH [--data-root R] [--json] [--strict]``: check every record of a record file or mixture.
+
+PATH is a record file (``.json`` array / ``.jsonl``) or a mixture YAML (`swim.data.mixture`). Each record is
+checked for: JSON shape and types; empty or malformed conversations; unclosed, nested or stray ``<ins>``
+tags; tag/object count mismatch; missing or unreadable/corrupt video (probed once per distinct video, the
+slow part); RLE/polygon decode; mask size vs video size; annotated frame index beyond the video.
+
+Output: one line per problem, ``file:index: field: reason``, then a summary; ``--json`` prints a JSON list of
+``{"file", "index", "field", "reason", "code"}`` instead. Exit status 1 if there is any problem.
+``--strict`` stops at the first problem.
+
+`check_record` is the single implementation of the semantic checks; `swim.data.dataset.SwimDataset` calls
+it too (with ``decode_masks=False``, because the dataset decodes the masks anyway when it builds targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from swim.data.masks import MaskDecodeError, decode_segmentation
+from swim.data.records import Record, RecordError, load_records
+from swim.data.tags import TagError, assign_objects, check_turn_tags
+from swim.data.video import VideoDecodeError, VideoInfo, VideoSettings, probe_video
+
+logger = logging.getLogger(__name__)
+
+
+def turn_field(record: Record, turn: int) -> str:
+    """The JSON field that holds conversation turn ``turn`` of ``record`` (for error messages)."""
+    if record.kind == "bench_q":
+        return "Question" if turn == 0 else "Answer"
+    if record.kind == "bench_d" and record.question is None:
+        return "caption"
+    return f"conversations[{turn}].value"
+
+
+def check_tags(record: Record, *, supervise_qa: bool = False) -> list[RecordError]:
+    """Malformed tags, and (for records with supervised masks) the tag/object count."""
+    try:
+        phrases = check_turn_tags(record.turns())
+    except TagError as e:
+        return [record.error(turn_field(record, e.turn or 0), e.reason, "tags")]
+    if record.text_only(supervise_qa) or not record.annotation:
+        return []
+    _, reason = assign_objects(phrases, len(record.annotation))
+    return [record.error("annotation", reason, "tag_count")] if reason else []
+
+
+def probe_media(record: Record, settings: VideoSettings | None = None) -> VideoInfo | None:
+    """Probe the record's video (None for images); raises `RecordError` (``missing_video`` /
+    ``unreadable_video``). Images are only checked for existence and readability."""
+    kind, path = record.media
+    if not path.exists():
+        return _raise(record.error(kind, f"not found: {path}", f"missing_{kind}"))
+    if kind == "image":
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:
+            raise record.error("image", f"unreadable: {path}: {e}", "unreadable_image") from None
+        return None
+    try:
+        return probe_video(path, settings)
+    except VideoDecodeError as e:
+        raise record.error("video", f"unreadable: {e.reason}", "unreadable_video") from None
+
+
+def _raise(err: RecordError):
+    raise err
+
+
+def check_masks(record: Record, info: VideoInfo, *, decode_masks: bool = True) -> list[RecordError]:
+    """Annotated frame indices within the video, mask size == video size, and (``decode_masks``) that every
+    RLE/polygon decodes to a mask of the video's size."""
+    problems = []
+    hw = (info.height, info.width)
+    rec_hw = (getattr(record, "height", None), getattr(record, "width", None))
+    if all(rec_hw) and rec_hw != hw:
+        problems.append(
+            record.error(
+                "height", f"record size {rec_hw[0]}x{rec_hw[1]} != video size {hw[0]}x{hw[1]}", "mask_size"
+            )
+        )
+    for k, obj in enumerate(record.annotation):
+        for frame, entry in obj.items():
+            field = f"annotation[{k}][{frame!r}]"
+            if int(frame) >= info.num_frames:
+                problems.append(
+                    record.error(
+                        field,
+                        f"frame index {frame} beyond the video ({info.num_frames} frames)",
+                        "frame_range",
+                    )
+                )
+            seg = entry["segmentation"]
+            if seg is None:  # not annotated on this frame
+                continue
+            if isinstance(seg, dict) and tuple(seg["size"]) != hw:
+                size = f"{seg['size'][0]}x{seg['size'][1]}"
+                problems.append(
+                    record.error(
+                        f"{field}.segmentation",
+                        f"mask size {size} != video size {hw[0]}x{hw[1]}",
+                        "mask_size",
+                    )
+                )
+                continue
+            if decode_masks:
+                try:
+                    mask = decode_segmentation(seg, *hw)
+                except (MaskDecodeError, ValueError, TypeError) as e:
+                    problems.append(
+                        record.error(f"{field}.segmentation", f"cannot decode: {e}", "mask_decode")
+                    )
+                    continue
+                if tuple(mask.shape) != hw:
+                    got = f"{mask.shape[0]}x{mask.shape[1]}"
+                    problems.append(
+                        record.error(
+                            f"{field}.segmentation",
+                            f"mask size {got} != video size {hw[0]}x{hw[1]}",
+                            "mask_size",
+                        )
+                    )
+    return problems
+
+
+def check_record(
+    record: Record,
+    info: VideoInfo | None,
+    *,
+    decode_masks: bool = True,
+    supervise_qa: bool = False,
+    masks: bool = True,
+) -> list[RecordError]:
+    """All semantic checks of one (already shape-validated) record against its probed video ``info``.
+
+    ``masks=False`` skips the mask checks (text-only samples do not use their masks).
+    """
+    problems = check_tags(record, supervise_qa=supervise_qa)
+    if masks and info is not None and record.annotation:
+        problems += check_masks(record, info, decode_masks=decode_masks)
+    return problems
+
+
+def validate_records(
+    records: Sequence[Record],
+    *,
+    settings: VideoSettings | None = None,
+    decode_masks: bool = True,
+    strict: bool = False,
+) -> list[RecordError]:
+    """Problems of every record; each distinct video is probed once."""
+    probes: dict[Path, VideoInfo | RecordError | None] = {}
+    problems: list[RecordError] = []
+    for rec in records:
+        path = rec.media[1]
+        if path not in probes:
+            try:
+                probes[path] = probe_media(rec, settings)
+            except RecordError as e:
+                probes[path] = e
+        got = probes[path]
+        found = check_tags(rec)
+        if isinstance(got, RecordError):
+            found.append(RecordError(rec.source, rec.position, got.field, got.reason, got.code))
+        elif got is not None and rec.annotation:
+            found += check_masks(rec, got, decode_masks=decode_masks)
+        problems += found
+        if strict and problems:
+            break
+    return problems
+
+
+def collect(path: str | Path, data_root: str | None, strict: bool) -> tuple[int, list[RecordError]]:
+    """(number of records read, problems) for a record file or a mixture YAML."""
+    path = Path(path)
+    problems: list[RecordError] = []
+    if path.suffix in (".yaml", ".yml"):
+        from swim.data.mixture import load_mixture_config
+
+        config = load_mixture_config(path)
+        sources: Iterable[tuple[Path, str | None]] = [(e.json_path, e.data_root) for e in config.datasets]
+    else:
+        sources = [(path, data_root)]
+    n = 0
+    for json_path, root in sources:
+        try:
+            records, bad = load_records(json_path, data_root=root, errors="collect")
+        except RecordError as e:
+            problems.append(e)
+            continue
+        problems += bad
+        if strict and problems:
+            break
+        problems += validate_records(records, strict=strict)
+        n += len(records) + len(bad)
+        if strict and problems:
+            break
+    problems.sort(key=lambda e: (e.source, -1 if e.index is None else e.index))
+    return n, problems[:1] if strict else problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="swim validate", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="record file (.json/.jsonl) or mixture YAML")
+    parser.add_argument(
+        "--data-root", default=None, help="media root for a record file (default: its folder)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the problems as a JSON list")
+    parser.add_argument("--strict", action="store_true", help="stop at the first problem")
+    args = parser.parse_args(argv)
+
+    n, problems = collect(args.path, args.data_root, args.strict)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in problems], indent=1))
+    else:
+        for p in problems:
+            print(p)
+        bad = len({(p.source, p.index) for p in problems})
+        by_code = ", ".join(f"{c}: {k}" for c, k in Counter(p.code for p in problems).most_common())
+        summary = f"{n} records checked, {len(problems)} problem(s) in {bad} record(s)"
+        print(summary + (f" ({by_code})" if problems else ""), file=sys.stderr)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
