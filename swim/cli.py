@@ -13,7 +13,16 @@ import sys
 # subcommand -> (module, help). Two-word commands ("data synth", "eval bench-q") are keyed with a space.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("swim.tiny", "write a tiny random Qwen2.5-VL checkpoint"),
-    "bench overhead": ("benchmarks.attention_overhead", "attention-capture overhead benchmark"),
+    "train": ("swim.train", "SFT with the attention-grounding loss (--config RECIPE.yaml)"),
+    "demo": ("swim.demo", "synthetic data + tiny model: baseline vs SWIM grounding report"),
+    "data synth": ("swim.data.synth", "write the synthetic shapes dataset"),
+    "validate": ("swim.data.validate", "check record files / mixtures for bad records"),
+    "infer": ("swim.eval.infer", "answer a question about a video"),
+    "eval bench-q": ("swim.eval.bench_q", "VideoRefer-Bench-Q accuracy"),
+    "eval bench-d": ("swim.eval.bench_d", "VideoRefer-Bench-D descriptions scored by an LLM judge"),
+    "eval grounding": ("swim.eval.grounding", "attention-grounding metrics of the tagged words"),
+    "vis": ("swim.vis.attention", "attention overlays (PNG grid, GIF)"),
+    "bench overhead": ("swim.bench.overhead", "attention-capture overhead benchmark"),
 }
 
 
@@ -30,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         name = " ".join(argv[:n_words])
         if len(argv) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
-            return module.main(argv[n_words:])
+            module.main(argv[n_words:])  # results are written by the command; the exit status stays 0
+            return
     print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
 

@@ -1,0 +1,234 @@
+"""Attention-grounding evaluation: where do the tagged words look?
+
+    swim eval grounding --model DIR --data FILE [--data-root R] [--out DIR] [--layers 2 7 ...] [--query-offset 0]
+
+For every record with masks, the question and answer are teacher-forced, and the attention rows of the tagged
+words' tokens are recomputed (`swim.modeling.AttentionProbe`) for the chosen layers. Per (row, temporal group)
+pair with a mask, on the merged token grid of that group (head mean, renormalised over the group's tokens):
+
+- `pointing_game`: the arg-max token is inside the object (its cell covered by at least `min_cover` of mask);
+- `pointing_game_at_k`: fraction of the top-k tokens inside the object (the reference's GamePoint@k);
+- `auc`: ROC-AUC of the map against the inside/outside labels (pairs whose group is all inside or all outside
+  are counted in `auc_undefined`, not averaged);
+- `nss`: mean z-scored attention over the inside tokens;
+- `mask_mass`: attention mass on tokens the mask touches at all.
+Reported per layer and for the layers' fused map (mean of the group-normalised maps), with the chance level of a
+uniformly random token (`chance_pointing_game`) and of uniform attention (`chance_mask_mass`). Micro-average
+over pairs. Works for any Qwen2.5-VL checkpoint, so stock and fine-tuned models can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from swim.modeling.capture import AttentionProbe, default_supervised_layers, video_token_positions
+from swim.modeling.losses import group_normalize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroundingMetricsConfig:
+    min_cover: float = 0.05  # a token is "inside" when the mask covers at least this fraction of its cell
+    top_k: int = 5
+
+
+def map_metrics(attn: torch.Tensor, target: torch.Tensor, cfg: GroundingMetricsConfig) -> dict[str, float]:
+    """Metrics of one map on one temporal group's tokens.
+
+    attn: `[m]` non-negative attention on the group's tokens (any scale); target: `[m]` mask cover fractions.
+    Ties count fractionally (a uniform map scores the chance level, not 0 or 1). AUC is NaN when every token is
+    inside or every token is outside.
+    """
+    p = attn.double() / attn.double().sum().clamp_min(1e-300)
+    inside = target >= cfg.min_cover
+    n_in = int(inside.sum())
+    peak = p == p.max()
+    k = min(cfg.top_k, p.numel())
+    kth = p.topk(k).values[-1]
+    above, at_kth = p > kth, p == kth
+    # the top-k set takes every token above the k-th value and a share of the tokens tied with it
+    share = (k - int(above.sum())) / int(at_kth.sum())
+    in_top_k = float((above & inside).sum()) + share * float((at_kth & inside).sum())
+    if 0 < n_in < p.numel():
+        diff = p[inside][:, None] - p[~inside][None, :]
+        auc = float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+    else:
+        auc = float("nan")
+    z = (p - p.mean()) / p.std(unbiased=False).clamp_min(1e-300)
+    return {
+        "pointing_game": float((peak & inside).sum()) / float(peak.sum()),
+        "pointing_game_at_k": in_top_k / k,
+        "auc": auc,
+        "nss": float(z[inside].mean()) if n_in else float("nan"),
+        "mask_mass": float(p[target > 0].sum()),
+        "chance_pointing_game": n_in / p.numel(),
+        "chance_mask_mass": float((target > 0).sum()) / p.numel(),
+    }
+
+
+def pair_metrics(
+    attn: torch.Tensor,
+    target: torch.Tensor,
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: GroundingMetricsConfig,
+) -> list[dict[str, float]]:
+    """`map_metrics` of every valid (row, group) pair that has at least one inside token.
+
+    attn, target: `[B, n, K]`; groups: `[B, K]` (-1 padding); valid: `[B, n, G]`.
+    """
+    out = []
+    for b, row, g in valid.nonzero().tolist():
+        tokens = groups[b] == g
+        t = target[b, row, tokens]
+        if bool((t >= cfg.min_cover).any()):
+            out.append(map_metrics(attn[b, row, tokens], t, cfg))
+    return out
+
+
+class MetricAccumulator:
+    """Micro-averages pair metrics per map name ("layer 3", "fused"); NaN (undefined) values are counted."""
+
+    def __init__(self):
+        self.pairs: dict[str, list[dict[str, float]]] = defaultdict(list)
+
+    def add(self, name: str, pairs: list[dict[str, float]]) -> None:
+        self.pairs[name].extend(pairs)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, pairs in self.pairs.items():
+            row: dict[str, float] = {"pairs": len(pairs)}
+            for key in pairs[0] if pairs else ():
+                values = [p[key] for p in pairs if not math.isnan(p[key])]
+                row[key] = sum(values) / len(values) if values else float("nan")
+                if len(values) < len(pairs):
+                    row[f"{key}_undefined"] = len(pairs) - len(values)
+            out[name] = row
+        return out
+
+
+@torch.no_grad()
+def evaluate_grounding(
+    model,
+    batches,
+    layers: list[int],
+    *,
+    query_offset: int = 0,
+    metrics: GroundingMetricsConfig | None = None,
+    keep_maps: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Grounding metrics of `model` over collated `batches` (docs/batch_contract.md).
+
+    Returns `(summary, maps)`: summary = {"fused": {...}, "layer L": {...}}; maps = up to `keep_maps` samples'
+    fused group-normalised maps `[n, K]` with their targets, for visualisation.
+    """
+    metrics = metrics or GroundingMetricsConfig()
+    device = next(model.parameters()).device
+    probe = AttentionProbe(model, layers, checkpoint_recompute=False)
+    acc = MetricAccumulator()
+    kept: list[dict] = []
+    try:
+        for batch in batches:
+            grounding = batch.pop("grounding")
+            batch.pop("labels", None)
+            if grounding is None:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            grounding = {k: v.to(device) for k, v in grounding.items()}
+            with probe.capture():
+                model(**batch, use_cache=False, logits_to_keep=1)
+            rows = grounding["query_positions"] + query_offset
+            rows = torch.where(grounding["query_positions"] >= 0, rows, -1)
+            video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
+            attn = probe.video_attention(rows, video_positions, batch["attention_mask"])  # [Λ, B, n, K]
+            probe.clear()
+            k = video_positions.shape[1]
+            groups = grounding["video_token_group"][:, :k]
+            obj = grounding["query_objects"].clamp(min=0)
+            target = grounding["object_targets"][..., :k].gather(1, obj[..., None].expand(-1, -1, k))
+            num_groups = grounding["object_group_valid"].shape[-1]
+            valid = grounding["object_group_valid"].gather(1, obj[..., None].expand(-1, -1, num_groups))
+            valid = valid & (rows >= 0)[..., None]
+            normalised = torch.stack([group_normalize(a, groups, num_groups) for a in attn])
+            fused = normalised.mean(0)
+            acc.add("fused", pair_metrics(fused, target, groups, valid, metrics))
+            for layer, layer_map in zip(layers, normalised):
+                acc.add(f"layer {layer}", pair_metrics(layer_map, target, groups, valid, metrics))
+            for b in range(fused.shape[0]):
+                if len(kept) < keep_maps and bool(valid[b].any()):
+                    n_rows = int((rows[b] >= 0).sum())
+                    kept.append({"map": fused[b, :n_rows].cpu(), "target": target[b, :n_rows].cpu(),
+                                 "video_grid_thw": batch["video_grid_thw"][b].cpu()})  # fmt: skip
+    finally:
+        probe.remove()
+    return acc.summary(), kept
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swim eval grounding", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="record file (NL-Refer / Bench format with masks)")
+    parser.add_argument("--data-root", help="default: the data file's folder")
+    parser.add_argument("--out", help="write grounding.json here")
+    parser.add_argument("--layers", type=int, nargs="+", help="default: the supervised-layer rule")
+    parser.add_argument("--query-offset", type=int, default=0, choices=[0, -1])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-frames", type=int, default=32)
+    parser.add_argument("--max-frames", type=int, default=32)
+    parser.add_argument("--min-pixels", type=int, default=128 * 28 * 28)
+    parser.add_argument("--max-pixels", type=int, default=768 * 28 * 28)
+    parser.add_argument("--min-cover", type=float, default=0.05)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from swim.data.collator import SwimCollator
+    from swim.data.dataset import SwimDataset
+    from swim.data.records import load_records
+    from swim.data.video import VideoSettings
+
+    args = _parser().parse_args(argv)
+    records, problems = load_records(args.data, data_root=args.data_root, errors="collect")
+    for problem in problems:
+        logger.warning("skipping %s", problem)
+    records = [r for r in records if getattr(r, "annotation", None)][: args.limit]
+    if not records:
+        raise SystemExit(f"{args.data}: no record with masks to evaluate")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    settings = VideoSettings(num_frames=args.num_frames, max_frames=args.max_frames,
+                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, collate_fn=SwimCollator(tokenizer.pad_token_id)
+    )
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model).eval()
+    layers = args.layers or default_supervised_layers(model.config.text_config.num_hidden_layers)
+    summary, _ = evaluate_grounding(
+        model, tqdm(loader, desc="grounding"), layers, query_offset=args.query_offset,
+        metrics=GroundingMetricsConfig(args.min_cover, args.top_k),
+    )  # fmt: skip
+    result = {"model": str(args.model), "data": str(args.data), "layers": layers, "records": len(records),
+              "skipped_records": dataset.skips.summary(), "metrics": summary,
+              "settings": {**asdict(GroundingMetricsConfig(args.min_cover, args.top_k)),
+                           "query_offset": args.query_offset}}  # fmt: skip
+    fused = summary.get("fused", {})
+    logger.info("fused: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in fused.items()})
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "grounding.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,110 @@
+"""Answer one question about one video with a (SWIM or stock) Qwen2.5-VL checkpoint.
+
+    swim infer --model CKPT --video clip.mp4 --question "What is the man in the red shirt holding?"
+
+The answer goes to stdout; logs go to stderr. ``<ins>`` tags in the question are removed (the words stay).
+Frame sampling and resizing default to the training settings (see ``swim infer --help``).
+
+`infer` returns an `InferResult` holding the exact model inputs and the generated token ids: code that wants
+to look inside the model for this answer (e.g. attention overlays with a teacher-forced pass over
+prompt + answer) starts from there instead of re-encoding the video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swim.data.video import VideoSettings
+from swim.eval.bench_q import clean_text
+from swim.eval.generate import (
+    EncodedPrompt,
+    GenerationSettings,
+    Generator,
+    GenItem,
+    LoadedModel,
+    add_generation_args,
+    add_model_args,
+    add_video_args,
+    collate_left,
+    generate_batch,
+    generation_settings_from_args,
+    load_model,
+    video_settings_from_args,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferResult:
+    answer: str
+    question: str  # as given to the model (tags removed)
+    encoded: EncodedPrompt  # unbatched model inputs (prompt ids, video patches, grid, second_per_grid_ts)
+    inputs: dict[str, torch.Tensor]  # the batch of one passed to generate() (CPU tensors)
+    answer_ids: list[int]  # generated token ids, without the end-of-turn token
+
+
+def infer(
+    loaded: LoadedModel,
+    video: str | Path,
+    question: str,
+    *,
+    video_settings: VideoSettings | None = None,
+    settings: GenerationSettings | None = None,
+) -> InferResult:
+    """Decode `video`, build the chat prompt and greedily generate the answer (raises on failure)."""
+    generator = Generator(loaded, video_settings or VideoSettings(), settings or GenerationSettings())
+    text = clean_text(question)
+    encoded = generator.encode(GenItem("0", Path(video), text))
+    inputs = collate_left([encoded], loaded.tokenizer.pad_token_id)
+    (answer,), (ids,) = generate_batch(loaded.model, loaded.tokenizer, inputs, generator.generation_config)
+    return InferResult(answer=answer, question=text, encoded=encoded, inputs=inputs, answer_ids=ids)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swim infer", description=__doc__.splitlines()[0])
+    parser.add_argument("--video", required=True, help="video file or folder of frames")
+    parser.add_argument("--question", required=True, help="the question (<ins> tags are removed)")
+    add_model_args(parser)
+    add_generation_args(parser, max_new_tokens=512)
+    add_video_args(parser)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> InferResult:
+    args = build_parser().parse_args(argv)
+    if not Path(args.video).exists():
+        raise SystemExit(f"--video {args.video}: no such file or folder")
+    loaded = load_model(
+        args.model, dtype=args.dtype, attn_implementation=args.attn_implementation, device=args.device
+    )
+    result = infer(
+        loaded,
+        args.video,
+        args.question,
+        video_settings=video_settings_from_args(args),
+        settings=generation_settings_from_args(args),
+    )
+    logger.info(
+        "video grid (t, h, w) = %s, %d prompt tokens, %d answer tokens",
+        result.encoded.video_grid_thw, result.encoded.input_ids.numel(), len(result.answer_ids),
+    )  # fmt: skip
+    sys.stdout.write(result.answer + "\n")
+    sys.stdout.flush()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (returns None so that console scripts exit 0); see `run`."""
+    run(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1:])
