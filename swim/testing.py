@@ -1,4 +1,4 @@
-"""Hand-made model batches that follow docs/batch_contract.md, independent of swim.data (for core tests)."""
+"""Hand-made model batches following docs/batch_contract.md, independent of swim.data (tests, benchmarks)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from swim.modeling.capture import (
     video_token_positions,
 )
 from swim.modeling.objective import GroundingConfig, grounding_loss
-from tests.synthetic_batches import video_batch
+from swim.testing import video_batch
 
 # Right-padded, unequal lengths, the second sample with two videos.
 SAMPLES = [

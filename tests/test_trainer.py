@@ -11,7 +11,7 @@ from swim.modeling.capture import find_decoder_layers
 from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
 from swim.modeling.objective import GroundingConfig
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
-from tests.synthetic_batches import video_batch
+from swim.testing import video_batch
 
 SPECS = [
     dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),

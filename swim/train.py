@@ -1,0 +1,183 @@
+"""SWIM supervised fine-tuning of Qwen2.5-VL: next-token loss + attention grounding on `<ins>` words.
+
+    swim train --config recipes/demo_cpu.yaml [--attn_weight 0 --output_dir runs/x ...]
+    python -m swim.train --config recipes/swim_7b.yaml           # under torchrun / accelerate on a cluster
+
+Every setting lives in the recipe (YAML) and can be overridden on the command line (TrlParser). The resolved
+configuration is written to `<output_dir>/swim_config.yaml`; checkpoints are plain Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoTokenizer
+from transformers.utils import is_flash_attn_2_available
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from swim.data.collator import SwimCollator
+from swim.data.dataset import SwimDataset
+from swim.data.mixture import load_mixture
+from swim.data.records import load_records
+from swim.data.tags import SWIM_SYSTEM_PROMPT
+from swim.data.video import VideoSettings
+from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
+from swim.trainer import SwimSFTConfig, SwimSFTTrainer
+
+logger = logging.getLogger("swim.train")
+
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
+                   "chat_template.json")  # fmt: skip
+
+
+@dataclass
+class DataArguments:
+    """What to train on and how videos become tokens."""
+
+    data_config: str = field(
+        metadata={"help": "Mixture YAML (data_config/*.yaml) or one record file (.json/.jsonl)."}
+    )
+    data_root: str | None = field(default=None, metadata={"help": "Media root for a single record file."})
+    num_frames: int = field(default=32, metadata={"help": "Uniformly sampled frames per video."})
+    sample_fps: float | None = field(
+        default=None, metadata={"help": "Sample by fps instead of a fixed count."}
+    )
+    max_frames: int = field(default=32, metadata={"help": "Hard cap on frames (annotated frames included)."})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "Per-frame minimum pixels."})
+    max_pixels: int = field(default=768 * 28 * 28, metadata={"help": "Per-frame maximum pixels."})
+    total_pixels: int = field(
+        default=int(128000 * 28 * 28 * 0.9), metadata={"help": "Whole-video pixel budget."}
+    )
+    pair_mode: str = field(
+        default="union", metadata={"help": "Mask of a temporal group: union | mean of its frames."}
+    )
+    supervise_qa: bool = field(default=False, metadata={"help": "Attention-supervise QA records too."})
+    system_prompt: str = field(
+        default=SWIM_SYSTEM_PROMPT, metadata={"help": "System prompt of every sample."}
+    )
+    max_sample_length: int | None = field(default=None, metadata={"help": "Skip (and count) longer samples."})
+    strict_data: bool = field(
+        default=False, metadata={"help": "Fail on the first bad record instead of skipping."}
+    )
+    cache_samples: bool = field(
+        default=False, metadata={"help": "Keep decoded samples in memory (small sets)."}
+    )
+
+    def video_settings(self) -> VideoSettings:
+        return VideoSettings(num_frames=self.num_frames, sample_fps=self.sample_fps, max_frames=self.max_frames,
+                             min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                             total_pixels=self.total_pixels)  # fmt: skip
+
+
+class IndexCollator:
+    """TRL needs a `datasets.Dataset`: we give it row indices and decode videos here, in the DataLoader workers."""
+
+    def __init__(self, dataset: SwimDataset, collator: SwimCollator, cache: bool = False):
+        self.dataset, self.collator = dataset, collator
+        self.cache: dict[int, dict] | None = {} if cache else None
+
+    def sample(self, i: int) -> dict:
+        if self.cache is None:
+            return self.dataset[i]
+        if i not in self.cache:
+            self.cache[i] = self.dataset[i]
+        return self.cache[i]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return self.collator([self.sample(row["index"]) for row in rows])
+
+
+def load_data(args: DataArguments, seed: int):
+    path = Path(args.data_config)
+    if path.suffix in (".yaml", ".yml"):
+        records, problems = load_mixture(path, seed=seed, errors="raise" if args.strict_data else "collect")
+    else:
+        records, problems = load_records(path, data_root=args.data_root,
+                                         errors="raise" if args.strict_data else "collect")  # fmt: skip
+    if problems:
+        logger.warning("%d malformed records left out (first: %s)", len(problems), problems[0])
+    return records
+
+
+def resolve_attn_implementation(requested: str | None) -> str:
+    if requested == "flash_attention_2" and not is_flash_attn_2_available():
+        logger.warning("flash_attention_2 requested but flash-attn is not installed: using sdpa")
+        return "sdpa"
+    return requested or "sdpa"
+
+
+def save_resolved_config(output_dir: str, *configs) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    resolved = {type(c).__name__: _plain(asdict(c)) for c in configs}
+    (Path(output_dir) / "swim_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def copy_processor_files(source: str, output_dir: str) -> None:
+    """Make the checkpoint loadable by `AutoProcessor` too (the image/video processor configs and template)."""
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, Path(output_dir) / name)
+
+
+def main(argv: list[str] | None = None) -> SwimSFTTrainer:
+    # ---- parse
+    parser = TrlParser((DataArguments, SwimSFTConfig, ModelConfig))
+    data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    save_resolved_config(training_args.output_dir, data_args, training_args, model_args)
+
+    # ---- data
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    records = load_data(data_args, training_args.seed)
+    dataset = SwimDataset(
+        records, data_args.video_settings(), tokenizer, strict=data_args.strict_data,
+        system_prompt=data_args.system_prompt, supervise_qa=data_args.supervise_qa,
+        pair_mode=data_args.pair_mode, max_length=data_args.max_sample_length,
+    )  # fmt: skip
+    collator = IndexCollator(dataset, SwimCollator(tokenizer.pad_token_id), cache=data_args.cache_samples)
+    train_dataset = Dataset.from_dict({"index": list(range(len(dataset)))})
+
+    # ---- model
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = SwimQwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype,
+        attn_implementation=resolve_attn_implementation(model_args.attn_implementation),
+    )  # fmt: skip
+
+    # ---- trainer
+    trainer = SwimSFTTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+    )  # fmt: skip
+
+    # ---- train
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    dataset.log_skips()
+
+    # ---- save
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        copy_processor_files(model_args.model_name_or_path, training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
