@@ -30,7 +30,7 @@ RUNS = {"baseline": 0.0, "swim": None}  # attn_weight per run (None: the recipe'
 
 @dataclass
 class DemoConfig:
-    recipe: str = "recipes/demo_cpu.yaml"
+    recipe: str = "demo_cpu.yaml"  # relative to the demo config's folder
     seed: int = 0
     num_train: int = 400
     num_val: int = 100
@@ -46,7 +46,11 @@ class DemoConfig:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown demo settings {sorted(unknown)}")
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.recipe = str(Path(path).parent / cfg.recipe)  # relative to the demo config's folder
+        if not Path(cfg.recipe).exists():
+            raise ValueError(f"{path}: recipe {cfg.recipe} not found")
+        return cfg
 
 
 def train_runs(cfg: DemoConfig, out: Path, model_dir: Path, train_json: Path) -> dict[str, Path]:

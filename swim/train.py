@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     # ---- train
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     dataset.log_skips()
+    if trainer.is_deepspeed_enabled:
+        logger.info("trained with DeepSpeed ZeRO stage %d", trainer.deepspeed.zero_optimization_stage())
 
     # ---- save
     trainer.save_model(training_args.output_dir)

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from swim.modeling.capture import find_decoder_layers
 from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
 from swim.modeling.objective import GroundingConfig
-from swim.trainer import SwimSFTConfig, SwimSFTTrainer
 from swim.testing import video_batch
+from swim.trainer import SwimSFTConfig, SwimSFTTrainer
 
 SPECS = [
     dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),

@@ -9,9 +9,10 @@ Columns, on a mid-size random Qwen2.5-VL (hidden 512, 8 layers, GQA 8/2 heads), 
          recomputed only for the tagged rows;
 - reference-style: the official release's capture pattern — attention rows of *every* layer for *every*
          position after the video, softmax kept for backward — feeding the same loss.
-Each (method, length) runs in a fresh subprocess, so peak memory is that process's peak resident set above its
-state before the first step (on CUDA: `max_memory_allocated`). Step time is the median over `--repeats` steps
-after one warm-up step. Ratios are to `plain` at the same length.
+Step time: the median over `--repeats` steps after a warm-up, the methods interleaved so that machine drift
+hits them alike. Peak memory: the peak of live tensor bytes during one step, weights included (CUDA:
+`max_memory_allocated`; CPU: the profiler's memory timeline, since the CPU allocator records no peak and the
+resident set mostly measures the allocator's caching). Ratios are to `plain` at the same length.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
+import os
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 
 logger = logging.getLogger("swim.bench.overhead")
@@ -101,17 +101,18 @@ def reference_style_loss(model, batch):
     return out.loss + loss_attn + 0 * rows.sum()
 
 
-def run_one(method: str, length: int, repeats: int, device: str, checkpointing: bool) -> dict:
+def run_length(length: int, methods: list[str], repeats: int, device: str, checkpointing: bool) -> list[dict]:
+    """Time the methods interleaved (A B C A B C ...) so that machine drift hits all of them alike, then
+    measure each one's peak tensor memory during one step."""
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(device)
     if checkpointing:
         model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = build_batch(model, length, device)
     grounding = batch.pop("grounding")
 
-    def step():
+    def step(method: str) -> None:
         model.zero_grad(set_to_none=True)
         if method == "plain":
             loss = model(**batch).loss
@@ -123,34 +124,49 @@ def run_one(method: str, length: int, repeats: int, device: str, checkpointing: 
         if device == "cuda":
             torch.cuda.synchronize()
 
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for method in methods:
+        step(method)  # warm-up
+    for _ in range(repeats):
+        for method in methods:
+            start = time.perf_counter()
+            step(method)
+            times[method].append(time.perf_counter() - start)
+    rows = []
+    for method in methods:
+        model.zero_grad(set_to_none=True)
+        rows.append({
+            "method": method,
+            "length": int(batch["input_ids"].shape[1]),
+            "video_tokens": int((batch["input_ids"] == model.config.video_token_id).sum()),
+            "step_s": statistics.median(times[method]),
+            "peak_mb": peak_memory(lambda m=method: step(m), device) / 2**20,
+        })  # fmt: skip
+    return rows
+
+
+def peak_memory(fn, device: str) -> int:
+    """Peak bytes of live tensors while `fn` runs (weights included), independent of the allocator's caching.
+
+    CUDA: `max_memory_allocated`; CPU: the profiler's memory timeline (PyTorch's CPU allocator keeps no peak).
+    """
+    import torch
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _max_rss_bytes()) - base
-    return {
-        "method": method,
-        "length": int(batch["input_ids"].shape[1]),
-        "video_tokens": int((batch["input_ids"] == model.config.video_token_id).sum()),
-        "step_s": statistics.median(times),
-        "peak_mb": peak / 2**20,
-    }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        fn()
+        return torch.cuda.max_memory_allocated()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(
+        activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.raw.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    return max(sum(s) for s in sizes)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -170,33 +186,19 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.worker:
-        row = run_one(args.worker[0], int(args.worker[1]), args.repeats, args.device, args.checkpointing)
-        print("RESULT " + json.dumps(row))
-        return
-
     rows = []
     for length in args.lengths:
-        for method in args.methods:
-            cmd = [sys.executable, "-m", "swim.bench.overhead", "--worker", method, str(length),
-                   "--repeats", str(args.repeats), "--device", args.device]  # fmt: skip
-            if args.checkpointing:
-                cmd.append("--checkpointing")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not result:
-                raise RuntimeError(f"{method} at {length} tokens failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(result[-1].removeprefix("RESULT ")))
-            logger.info("%s @ %d: %.3f s, %.0f MB", method, length, rows[-1]["step_s"], rows[-1]["peak_mb"])
+        rows += run_length(length, args.methods, args.repeats, args.device, args.checkpointing)
+        for r in rows[-len(args.methods) :]:
+            logger.info("%s @ %d: %.3f s, %.0f MB", r["method"], r["length"], r["step_s"], r["peak_mb"])
     table = format_table(rows)
     print(table)
     if args.json:

@@ -50,9 +50,12 @@ def decode_segmentation(seg: Any, height: int | None = None, width: int | None =
                 raise MaskDecodeError(f"mask size {(h, w)} != video size {given}")
             counts = seg["counts"]
             if isinstance(counts, list):
+                _check_runs([int(c) for c in counts], h, w)
                 rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
             elif isinstance(counts, (str, bytes)):
-                rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+                counts = counts.encode() if isinstance(counts, str) else counts
+                _check_runs(compressed_rle_runs(counts), h, w)
+                rle = {"size": [h, w], "counts": counts}
             else:
                 raise MaskDecodeError(f"RLE 'counts' must be str, bytes or list, got {type(counts).__name__}")
             out = mask_utils.decode(rle)
@@ -74,10 +77,39 @@ def decode_segmentation(seg: Any, height: int | None = None, width: int | None =
         raise MaskDecodeError(
             f"pycocotools could not decode the segmentation: {type(e).__name__}: {e}"
         ) from e
-    # pycocotools decodes some corrupt `counts` strings without an error, into values other than 0/1
-    if out.size and out.max() > 1:
-        raise MaskDecodeError("corrupt RLE: decoded values outside {0, 1}")
     return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def compressed_rle_runs(counts: bytes) -> list[int]:
+    """Run lengths of a COCO compressed RLE string (the inverse of pycocotools' `rleToString`).
+
+    pycocotools decodes corrupt strings without an error (and reads past its buffer), so the runs are checked
+    here first. Raises `MaskDecodeError` for a truncated string.
+    """
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise MaskDecodeError("corrupt RLE: truncated counts string")
+            c = counts[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _check_runs(runs: list[int], h: int, w: int) -> None:
+    if any(r < 0 for r in runs) or sum(runs) != h * w:
+        raise MaskDecodeError(f"corrupt RLE: run lengths sum to {sum(runs)} (negative runs: "
+                              f"{sum(r < 0 for r in runs)}), expected {h}x{w} = {h * w}")  # fmt: skip
 
 
 def encode_mask(mask: np.ndarray) -> dict:

@@ -9,8 +9,9 @@ Design: *recompute from captured layer inputs* (reference §8.1), not a register
   checkpoint inputs, so keeping them costs no memory).
 - After the forward, `input_layernorm → q_proj` (selected rows only) and `k_proj` (all keys) are recomputed
   for the supervised layers only, M-RoPE is applied with the captured `(cos, sin)`, and the probabilities are
-  a float32 causal + padding softmax. The recompute runs under a non-reentrant checkpoint during training, so
-  the only thing kept for backward is the small `[rows, K]` result.
+  a float32 causal + padding softmax. When the model checkpoints its layers, the recompute runs under a
+  non-reentrant checkpoint too, so only the small `[rows, K]` result is kept for backward; otherwise, like the
+  model, it keeps its activations and skips the second pass.
 
 Why not an `AttentionInterface` function that records rows during the real forward: under reentrant
 checkpointing that forward runs without autograd, so the recorded rows carry no gradient (exactly the bug of
@@ -191,7 +192,7 @@ class AttentionProbe:
             )
         for slot, module in enumerate(self._modules):
             hidden, cos, sin = self._captured[slot]
-            if batch_index is not None:
+            if batch_index is not None and batch_index.numel() < hidden.shape[0]:
                 hidden, cos, sin = hidden[batch_index], cos[batch_index], sin[batch_index]
             yield module, hidden, cos, sin
 
@@ -223,8 +224,9 @@ class AttentionProbe:
         """Head-mean attention of the given rows on the video tokens: `[layers, B, n, K]` (float32).
 
         query_positions: Long `[B, n]` (padding -1: those rows come back as zeros); video_positions: Long
-        `[B, K]` (padding -1: those columns come back as zeros). During training the recompute is wrapped in a
-        non-reentrant checkpoint, so only the `[B, n, K]` results are kept for backward.
+        `[B, K]` (padding -1: those columns come back as zeros). When the model uses activation checkpointing,
+        the recompute is wrapped in a non-reentrant checkpoint too, so only the `[B, n, K]` results are kept
+        for backward.
         """
         q_valid = query_positions >= 0
         k_valid = video_positions >= 0
@@ -239,7 +241,9 @@ class AttentionProbe:
 
         out = []
         for module, hidden, cos, sin in self._captured_inputs(batch_index):
-            if self.checkpoint_recompute and torch.is_grad_enabled() and hidden.requires_grad:
+            # Follow the model: when its layers trade compute for memory, so does the recompute.
+            trade_memory = self.checkpoint_recompute and getattr(module, "gradient_checkpointing", False)
+            if trade_memory and torch.is_grad_enabled() and hidden.requires_grad:
                 out.append(checkpoint(per_layer, module, hidden, cos, sin, use_reentrant=False))
             else:
                 out.append(per_layer(module, hidden, cos, sin))

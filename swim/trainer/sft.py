@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 from trl import SFTTrainer
 
 from swim.modeling.capture import AttentionProbe
@@ -70,6 +71,22 @@ class SwimSFTTrainer(SFTTrainer):
         steps = self.current_gradient_accumulation_steps if loss_is_scaled_for_ga else 1
         loss = cfg.text_weight * loss_text + cfg.attn_weight * loss_attn.to(loss_text.dtype) / steps
         return (loss, result[1]) if return_outputs else loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume the weights through `from_pretrained`, which converts Qwen2.5-VL's checkpoint key layout.
+
+        transformers' Trainer loads a checkpoint's raw keys with `strict=False`; Qwen2.5-VL saves the legacy
+        layout (`model.layers.*`, `visual.*`) that only `from_pretrained` maps back, so a plain resume would load
+        nothing and silently continue from the *initial* weights (caught by tests/test_train_entry.py). DeepSpeed,
+        FSDP and PEFT checkpoints keep their own loaders.
+        """
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        param = next(model.parameters())
+        saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(resume_from_checkpoint, dtype=param.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("resumed the weights of %s", resume_from_checkpoint)
 
     def _log_terms(self, loss_text: torch.Tensor, loss_attn: torch.Tensor | None) -> None:
         mode = "train" if self.model.training else "eval"

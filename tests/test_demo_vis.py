@@ -1,0 +1,52 @@
+"""Attention overlays and the demo pipeline end to end (a few steps: the figures are checked, not the numbers)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from swim.data.dataset import SwimDataset
+from swim.data.records import load_records
+from swim.data.synth import SynthConfig, generate
+from swim.data.video import VideoSettings
+from swim.demo import main as demo_main
+from swim.vis.attention import draw_grid, record_maps, save_gif
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_record_maps_and_overlays(tiny_ckpt, tmp_path):
+    paths = generate(tmp_path / "data", SynthConfig(), seed=1, counts={"val": 2})
+    records, _ = load_records(paths["val"])
+    settings = VideoSettings(num_frames=8, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112)
+    dataset = SwimDataset(
+        records, settings, AutoTokenizer.from_pretrained(tiny_ckpt), supervise_qa=True, strict=True
+    )
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+    maps = record_maps(model, dataset, 0, layers=[1, 3])
+    assert maps.frames.shape == (4, 112, 112, 3) and maps.frames.dtype == np.uint8
+    assert set(maps.maps) == {"layer 1", "layer 3", "fused"}
+    for m in maps.maps.values():
+        assert m.shape == (4, 4, 4)
+        np.testing.assert_allclose(m.sum((1, 2)), 1.0, atol=1e-5)
+    assert maps.valid.all() and (maps.target > 0).any()
+    png = draw_grid({"layer 1": (maps, "layer 1"), "fused": maps}, tmp_path / "grid.png", title="t")
+    assert Image.open(png).size[0] > 300
+    gif = save_gif(maps, tmp_path / "a.gif")
+    assert Image.open(gif).n_frames == 4
+
+
+def test_demo_writes_report_and_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    report = demo_main(["--config", "recipes/demo.yaml", "--out", str(tmp_path / "demo"), "--max-steps", "2",
+                        "--num-train", "8", "--num-val", "4"])  # fmt: skip
+    out = tmp_path / "demo"
+    saved = json.loads((out / "report.json").read_text())
+    for run in ("baseline", "swim"):
+        assert {"pointing_game", "mask_mass", "text_loss"} <= set(saved[run])
+        assert 0 <= saved[run]["pointing_game"] <= 1
+    assert 0 < saved["chance"] < 1 and 0 < saved["chance_colour_only"] <= 1 and saved["seconds"] > 0
+    assert saved["steps"] == 2 and report["verdict"] in (out / "report.md").read_text()
+    assert (out / "loss_curves.png").exists() and len(list((out / "overlays").glob("*.png"))) == 4

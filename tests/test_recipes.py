@@ -1,0 +1,48 @@
+"""Every recipe parses into the training dataclasses, and names only existing files and valid settings."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from trl import ModelConfig, TrlParser
+
+from swim.demo import DemoConfig
+from swim.train import DataArguments
+from swim.trainer import SwimSFTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "demo.yaml")
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_training_recipe_parses(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    raw = yaml.safe_load(recipe.read_text())
+    # Hardware-specific keys are checked for what they name, then left out: parsing a DeepSpeed config or bf16
+    # on this CPU machine would initialise (global) DeepSpeed / device state.
+    if ds := raw.pop("deepspeed", None):
+        assert (ROOT / ds).exists()
+    raw.update(bf16=False, use_cpu=True)
+    if raw["data_config"].startswith("data_config/"):
+        assert (ROOT / raw["data_config"]).exists()
+    cpu_recipe = tmp_path / recipe.name
+    cpu_recipe.write_text(yaml.safe_dump(raw))
+    parser = TrlParser((DataArguments, SwimSFTConfig, ModelConfig))
+    data, training, model = parser.parse_args_and_config(["--config", str(cpu_recipe)])
+    assert training.grounding_config().loss_type == raw["attn_loss"]
+    assert model.model_name_or_path == raw["model_name_or_path"]
+    assert data.num_frames == raw.get("num_frames", 32)
+
+
+def test_paper_recipe_matches_the_paper():
+    raw = yaml.safe_load((ROOT / "recipes" / "swim_7b.yaml").read_text())
+    assert raw["model_name_or_path"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert raw["attn_layers"] == [2, 7, 12, 17, 22, 27]
+    assert (raw["learning_rate"], raw["lr_scheduler_type"], raw["num_train_epochs"]) == (2e-5, "cosine", 1)
+    assert (raw["per_device_train_batch_size"], raw["gradient_accumulation_steps"]) == (1, 4)
+    assert raw["bf16"] and raw["attn_implementation"] == "flash_attention_2" and raw["num_frames"] == 32
+
+
+def test_demo_config_parses():
+    cfg = DemoConfig.from_yaml(ROOT / "recipes" / "demo.yaml")
+    assert (ROOT / cfg.recipe).exists()
