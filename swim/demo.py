@@ -233,6 +233,9 @@ Chance levels for the pointing game:
 
 ![loss curves](loss_curves.png)
 
+Held-out overlays, NTP-only baseline vs SWIM (first frame of each temporal group; white outline: the referred
+object's mask):
+
 """
         + "\n".join(f"![{p.stem}]({p.relative_to(out)})" for p in images)
         + "\n"
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- figures
     from swim.vis.attention import draw_grid, record_maps
 
-    images = [loss_curves(run_dirs, out / "loss_curves.png")]
+    loss_curves(run_dirs, out / "loss_curves.png")
+    images = []
     layers = recipe.get("attn_layers")
     for index in range(min(cfg.overlays, cfg.num_val)):
         maps = {

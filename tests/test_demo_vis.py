@@ -50,3 +50,28 @@ def test_demo_writes_report_and_figures(tmp_path, monkeypatch):
     assert 0 < saved["chance"] < 1 and 0 < saved["chance_colour_only"] <= 1 and saved["seconds"] > 0
     assert saved["steps"] == 2 and report["verdict"] in (out / "report.md").read_text()
     assert (out / "loss_curves.png").exists() and len(list((out / "overlays").glob("*.png"))) == 4
+
+
+def test_unpatchify_inverts_patchify():
+    import torch
+
+    from swim.data.video import patchify
+    from swim.vis.attention import unpatchify
+
+    settings = VideoSettings()
+    frames = torch.randint(0, 256, (4, 56, 84, 3), dtype=torch.uint8)
+    pixels, grid = patchify(frames.permute(0, 3, 1, 2).float(), settings)
+    np.testing.assert_array_equal(unpatchify(pixels, grid, settings), frames.numpy())
+
+
+def test_infer_writes_tagged_word_overlays(tiny_ckpt, tmp_path, capsys):
+    from swim.eval.infer import main as infer_main
+
+    paths = generate(tmp_path / "data", SynthConfig(), seed=2, counts={"val": 1})
+    video = paths["val"].parent / json.loads(paths["val"].read_text())[0]["video"]
+    infer_main(["--model", str(tiny_ckpt), "--video", str(video), "--question", "Where does the red <ins>circle</ins> go?",
+                "--max-new-tokens", "4", "--num-frames", "8", "--max-frames", "8", "--min-pixels", "3136", "--max-pixels", str(112 * 112),
+                "--attention", str(tmp_path / "att"), "--attention-layers", "1", "3"])  # fmt: skip
+    written = sorted((tmp_path / "att").glob("*.png"))
+    assert [p.name for p in written] == ["attention_0_circle.png"]
+    assert Image.open(written[0]).size[0] > 300

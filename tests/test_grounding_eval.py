@@ -50,3 +50,18 @@ def test_pair_metrics_and_accumulator_skip_undefined_pairs():
     summary = acc.summary()["fused"]
     assert summary["pairs"] == 2 and summary["auc_undefined"] == 1 and not math.isnan(summary["auc"])
     assert summary["pointing_game"] == pytest.approx(1.0)
+
+
+def test_swim_eval_grounding_writes_metrics(tiny_ckpt, tmp_path):
+    import json
+
+    from swim.data.synth import SynthConfig, generate
+    from swim.eval.grounding import main
+
+    paths = generate(tmp_path / "data", SynthConfig(), seed=3, counts={"val": 3})
+    main(["--model", str(tiny_ckpt), "--data", str(paths["val"]), "--out", str(tmp_path / "g"), "--layers", "1", "3",
+          "--num-frames", "8", "--max-frames", "8", "--min-pixels", "3136", "--max-pixels", str(112 * 112)])  # fmt: skip
+    result = json.loads((tmp_path / "g" / "grounding.json").read_text())
+    assert set(result["metrics"]) == {"fused", "layer 1", "layer 3"}
+    fused = result["metrics"]["fused"]
+    assert fused["pairs"] == 12 and 0 <= fused["pointing_game"] <= 1 and 0 < fused["chance_pointing_game"] < 1

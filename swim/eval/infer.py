@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from swim.data.video import VideoSettings
@@ -67,10 +68,65 @@ def infer(
     return InferResult(answer=answer, question=text, encoded=encoded, inputs=inputs, answer_ids=ids)
 
 
+def tagged_word_overlays(
+    loaded: LoadedModel,
+    result: InferResult,
+    question: str,
+    *,
+    video_settings: VideoSettings,
+    system_prompt: str | None,
+    layers: list[int] | None,
+    out_dir: str | Path,
+) -> list[Path]:
+    """Teacher-force prompt + generated answer and draw the attention of each `<ins>`-tagged phrase's tokens
+    (every occurrence, question and answer) on the frames the model saw: one PNG per phrase, one row per layer."""
+    from swim.data.records import Turn
+    from swim.data.tags import build_text, check_turn_tags, distinct_phrases
+    from swim.modeling.capture import default_supervised_layers
+    from swim.vis.attention import RecordMaps, attention_on_video, draw_grid, unpatchify
+
+    turns = [Turn("user", question), Turn("assistant", result.answer)]
+    phrases = distinct_phrases(check_turn_tags(turns))
+    if not phrases:
+        raise SystemExit("--attention needs <ins>...</ins> around the words to look at, in --question")
+    t, h, w = result.encoded.video_grid_thw
+    m = video_settings.merge_size
+    text = build_text(loaded.tokenizer, turns, media=[("video", t * h * w // m**2)], n_objects=len(phrases),
+                      system_prompt=system_prompt)  # fmt: skip
+    device = loaded.device
+    batch = {
+        "input_ids": text.input_ids[None].to(device),
+        "attention_mask": torch.ones(1, text.input_ids.numel(), dtype=torch.long, device=device),
+        "mm_token_type_ids": text.mm_token_type_ids[None].to(device),
+        "pixel_values_videos": result.encoded.pixel_values_videos.to(device, loaded.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]], device=device),
+        "second_per_grid_ts": torch.tensor([result.encoded.second_per_grid_ts], device=device),
+    }
+    layers = layers or default_supervised_layers(loaded.model.config.text_config.num_hidden_layers)
+    frames = unpatchify(result.encoded.pixel_values_videos, (t, h, w), video_settings)
+    frames = frames[:: video_settings.temporal_patch_size]
+    written = []
+    for k, phrase in enumerate(phrases):
+        rows = text.query_positions[text.query_objects == k].to(device)
+        maps = attention_on_video(loaded.model, batch, rows, layers, video_settings)
+        shape = maps["fused"].shape
+        record = RecordMaps(frames, maps, np.zeros(shape, np.float32), np.zeros(shape[0], bool))
+        slug = "".join(c if c.isalnum() else "_" for c in phrase)[:40]
+        path = Path(out_dir) / f"attention_{k}_{slug}.png"
+        written.append(draw_grid({name: (record, name) for name in maps}, path, title=f'"{phrase}"'))
+    return written
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swim infer", description=__doc__.splitlines()[0])
     parser.add_argument("--video", required=True, help="video file or folder of frames")
     parser.add_argument("--question", required=True, help="the question (<ins> tags are removed)")
+    parser.add_argument(
+        "--attention",
+        metavar="OUT_DIR",
+        help="also write attention overlays of the <ins>-tagged words (teacher-forced) here",
+    )
+    parser.add_argument("--attention-layers", type=int, nargs="+", help="default: the supervised-layer rule")
     add_model_args(parser)
     add_generation_args(parser, max_new_tokens=512)
     add_video_args(parser)
@@ -97,6 +153,12 @@ def run(argv: list[str] | None = None) -> InferResult:
     )  # fmt: skip
     sys.stdout.write(result.answer + "\n")
     sys.stdout.flush()
+    if args.attention:
+        settings = generation_settings_from_args(args)
+        for path in tagged_word_overlays(loaded, result, args.question, video_settings=video_settings_from_args(args),
+                                         system_prompt=settings.system_prompt, layers=args.attention_layers,
+                                         out_dir=args.attention):  # fmt: skip
+            logger.info("wrote %s", path)
     return result
 
 

@@ -116,51 +116,72 @@ def save_gif(maps: RecordMaps, path: str | Path, name: str = "fused", ms_per_gro
     return path
 
 
+def unpatchify(pixel_values: torch.Tensor, grid_thw, settings) -> np.ndarray:
+    """Inverse of `swim.data.video.patchify`: `[t*h*w, 3*tp*p*p]` -> uint8 frames `[t*tp, h*p, w*p, 3]`.
+
+    Overlays are drawn on exactly the pixels the model saw (same frames, same resize), with no second decode.
+    """
+    from swim.data.video import QWEN_MEAN, QWEN_STD
+
+    t, h, w = (int(v) for v in grid_thw)
+    p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
+    x = pixel_values.float().reshape(t, h // m, w // m, m, m, 3, tp, p, p)
+    x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, 3, h * p, w * p)
+    mean = torch.tensor(QWEN_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(QWEN_STD).view(1, 3, 1, 1)
+    frames = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(0, 2, 3, 1).numpy()
+
+
 @torch.no_grad()
-def record_maps(model, dataset, index: int, layers: list[int], query_offset: int = 0) -> RecordMaps:
-    """Teacher-forced attention maps of record `index` of a `SwimDataset` (its first object's tagged tokens)."""
-    from swim.data.collator import SwimCollator
-    from swim.data.masks import annotated_frames
-    from swim.data.video import probe_video, read_frames, resize_frames, select_frame_indices
+def attention_on_video(
+    model, batch: dict, rows: torch.Tensor, layers: list[int], settings
+) -> dict[str, np.ndarray]:
+    """Head-mean attention of `rows` (Long `[n]`, averaged) of a one-sample `batch` on its single video,
+    renormalised per temporal group: name ("layer L", "fused") -> `[G, h/2, w/2]`."""
     from swim.modeling.capture import AttentionProbe, video_token_positions
     from swim.modeling.losses import group_normalize
 
-    record = dataset.records[index]
-    sample = dataset.build(record)
-    batch = SwimCollator(dataset.tokenizer.pad_token_id)([sample])
-    grounding = batch.pop("grounding")
-    batch.pop("labels")
-    if grounding is None:
-        raise ValueError(f"record {index} has no supervised (tagged and masked) tokens to visualise")
-    rows = grounding["query_positions"][:, grounding["query_objects"][0] == 0]
-    rows = rows + query_offset
+    t, h, w = (int(v) for v in batch["video_grid_thw"][0])
+    m = settings.merge_size
+    grid = (t, h // m, w // m)
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
     try:
         with probe.capture():
             model(**batch, use_cache=False, logits_to_keep=1)
         video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
-        attn = probe.video_attention(rows, video_positions, batch["attention_mask"])[:, 0]  # [Λ, n, K]
+        attn = probe.video_attention(rows[None], video_positions, batch.get("attention_mask"))[
+            :, 0
+        ]  # [Λ, n, K]
     finally:
         probe.remove()
-    t, h, w = batch["video_grid_thw"][0].tolist()
-    m = dataset.settings.merge_size
-    grid = (t, h // m, w // m)
-    groups = grounding["video_token_group"][:, : attn.shape[-1]]
+    groups = torch.arange(t).repeat_interleave(grid[1] * grid[2])[None]
     per_layer = [group_normalize(a.mean(0)[None, None], groups, t)[0, 0].reshape(grid) for a in attn]
     maps = {f"layer {layer}": p.numpy() for layer, p in zip(layers, per_layer)}
     maps["fused"] = torch.stack(per_layer).mean(0).numpy()
+    return maps
 
-    kind, path = record.media
-    settings = dataset.settings
-    info = probe_video(path, settings)
-    keep = sorted({f for obj in record.annotation for f in annotated_frames(obj)})
-    indices = select_frame_indices(info.num_frames, info.fps, settings, keep)
-    frames = read_frames(path, indices[:: settings.temporal_patch_size], settings)
-    frames = resize_frames(frames, (h * settings.patch_size, w * settings.patch_size))
-    frames = frames.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
-    target = grounding["object_targets"][0, 0].reshape(grid).numpy()
+
+@torch.no_grad()
+def record_maps(model, dataset, index: int, layers: list[int], query_offset: int = 0) -> RecordMaps:
+    """Teacher-forced attention maps of record `index` of a `SwimDataset` (its first object's tagged tokens)."""
+    from swim.data.collator import SwimCollator
+
+    sample = dataset.build(dataset.records[index])
+    batch = SwimCollator(dataset.tokenizer.pad_token_id)([sample])
+    grounding = batch.pop("grounding")
+    batch.pop("labels")
+    if grounding is None:
+        raise ValueError(f"record {index} has no supervised (tagged and masked) tokens to visualise")
+    rows = grounding["query_positions"][0, grounding["query_objects"][0] == 0] + query_offset
+    maps = attention_on_video(model, batch, rows, layers, dataset.settings)
+    frames = unpatchify(batch["pixel_values_videos"], batch["video_grid_thw"][0], dataset.settings)
+    grid = maps["fused"].shape
     return RecordMaps(
-        frames=frames, maps=maps, target=target, valid=grounding["object_group_valid"][0, 0].numpy()
+        frames=frames[:: dataset.settings.temporal_patch_size],
+        maps=maps,
+        target=grounding["object_targets"][0, 0].reshape(grid).numpy(),
+        valid=grounding["object_group_valid"][0, 0].numpy(),
     )
 
 
