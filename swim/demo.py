@@ -95,10 +95,9 @@ def recipe_data_args(recipe: str):
 
 
 @torch.no_grad()
-def evaluate_run(
-    run_dir: Path, val_json: Path, cfg_recipe: dict, data_args, overlays: int
-) -> tuple[dict, object]:
-    """Grounding metrics and held-out text loss of one trained run; returns (metrics, model)."""
+def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> tuple[dict, tuple]:
+    """Grounding metrics and held-out text loss of one trained run; returns (metrics, (model, dataset)).
+    The held-out samples are built exactly as the training ones (same video settings and system prompt)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from swim.data.collator import SwimCollator
@@ -109,7 +108,8 @@ def evaluate_run(
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(run_dir).eval()
     records, _ = load_records(val_json)
-    dataset = SwimDataset(records, data_args.video_settings(), tokenizer, supervise_qa=True, strict=True)
+    dataset = SwimDataset(records, data_args.video_settings(), tokenizer, supervise_qa=True, strict=True,
+                          system_prompt=data_args.system_prompt, pair_mode=data_args.pair_mode)  # fmt: skip
     collate = SwimCollator(tokenizer.pad_token_id)
     samples = [dataset[i] for i in range(len(dataset))]
     batches = [collate(samples[i : i + 16]) for i in range(0, len(samples), 16)]
@@ -121,9 +121,7 @@ def evaluate_run(
         text_sum += float(model(**inputs).loss) * n
         text_tokens += n
     layers = cfg_recipe.get("attn_layers")
-    summary, _ = evaluate_grounding(
-        model, batches, layers, query_offset=cfg_recipe.get("attn_query_offset", 0)
-    )
+    summary = evaluate_grounding(model, batches, layers, query_offset=cfg_recipe.get("attn_query_offset", 0))
     fused = summary["fused"]
     return {
         "pointing_game": fused["pointing_game"],
@@ -288,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_args, recipe = recipe_data_args(cfg.recipe)
     results, handles = {}, {}
     for name, run_dir in run_dirs.items():
-        results[name], handles[name] = evaluate_run(run_dir, paths["val"], recipe, data_args, cfg.overlays)
+        results[name], handles[name] = evaluate_run(run_dir, paths["val"], recipe, data_args)
         logger.info("%s: pointing game %.3f", name, results[name]["pointing_game"])
 
     # ---- figures

@@ -189,6 +189,13 @@ class ChatRecord(_Base):
 
 
 BENCH_Q_SUFFIX = "Answer with the option's letter from the given choices directly."
+BENCH_Q_TYPES = (  # VideoRefer-Bench-Q question types
+    "Basic Questions",
+    "Sequential Questions",
+    "Relationship Questions",
+    "Reasoning Questions",
+    "Future Predictions",
+)
 
 
 @dataclass(frozen=True)

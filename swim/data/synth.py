@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from swim.data.masks import encode_mask
+from swim.data.records import BENCH_Q_TYPES
 from swim.data.video import write_video
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 EDGE = {"left": "the left edge", "right": "the right edge", "up": "the top edge", "down": "the bottom edge"}
-BENCH_Q_TYPES = (
-    "Basic Questions",
-    "Sequential Questions",
-    "Relationship Questions",
-    "Reasoning Questions",
-    "Future Predictions",
-)
 SPLIT_IDS = {"train": 0, "val": 1, "bench_q": 2, "bench_d": 3}
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from swim.data.records import BENCH_D_PROMPT
-from swim.eval.bench_q import check_same_bench, clean_text, file_sha256, load_bench
+from swim.eval.bench_q import check_same_bench, clean_text, load_bench
+from swim.eval.bench_q import run_config as bench_q_run_config
 from swim.eval.generate import (
     Generator,
     GenItem,
@@ -47,7 +48,6 @@ from swim.eval.generate import (
     load_model,
     read_generations,
     run_generation_stage,
-    video_settings_dict,
     video_settings_from_args,
 )
 from swim.eval.judge import DIMENSIONS, Judge, JudgeFatalError, add_judge_args, judge_config_from_args
@@ -228,18 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
-    return {
-        "model": model_path,
-        "dtype": args.dtype,
-        "attn_implementation": args.attn_implementation,
-        "bench": str(Path(args.bench).resolve()),
-        "bench_sha256": file_sha256(args.bench),
-        "limit": args.limit,
-        "default_question": args.default_question,
-        "prompt_version": PROMPT_VERSION,
-        "generation": generation_settings_from_args(args).fingerprint_fields(),
-        "video": video_settings_dict(video_settings_from_args(args)),
-    }
+    return {**bench_q_run_config(args, model_path, PROMPT_VERSION), "default_question": args.default_question}
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any] | None:

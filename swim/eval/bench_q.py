@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swim.data.records import BENCH_Q_SUFFIX, RecordError, iter_json_objects, record_from_json
+from swim.data.records import BENCH_Q_SUFFIX, BENCH_Q_TYPES, RecordError, iter_json_objects, record_from_json
 from swim.data.tags import TagError, strip_tags
 from swim.eval.generate import (
     Generator,
@@ -58,13 +58,6 @@ from swim.eval.sharding import Shard
 
 logger = logging.getLogger(__name__)
 
-BENCH_Q_TYPES = (
-    "Basic Questions",
-    "Sequential Questions",
-    "Relationship Questions",
-    "Reasoning Questions",
-    "Future Predictions",
-)
 PROMPT_VERSION = 1  # bump when prompt building changes, so old generation caches are not reused
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,8 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
-    """Everything that changes the answers; fingerprinted into the generation files."""
+def run_config(
+    args: argparse.Namespace, model_path: str, prompt_version: int = PROMPT_VERSION
+) -> dict[str, Any]:
+    """Everything that changes the answers; fingerprinted into the generation files (Bench-Q and -D)."""
     return {
         "model": model_path,
         "dtype": args.dtype,
@@ -428,7 +423,7 @@ def run_config(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
         "bench": str(Path(args.bench).resolve()),
         "bench_sha256": file_sha256(args.bench),
         "limit": args.limit,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompt_version,
         "generation": generation_settings_from_args(args).fingerprint_fields(),
         "video": video_settings_dict(video_settings_from_args(args)),
     }

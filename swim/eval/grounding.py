@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from swim.data.tags import SWIM_SYSTEM_PROMPT
 from swim.modeling.capture import AttentionProbe, default_supervised_layers, video_token_positions
 from swim.modeling.losses import group_normalize
 
@@ -126,18 +127,13 @@ def evaluate_grounding(
     *,
     query_offset: int = 0,
     metrics: GroundingMetricsConfig | None = None,
-    keep_maps: int = 0,
-) -> tuple[dict, list[dict]]:
-    """Grounding metrics of `model` over collated `batches` (docs/batch_contract.md).
-
-    Returns `(summary, maps)`: summary = {"fused": {...}, "layer L": {...}}; maps = up to `keep_maps` samples'
-    fused group-normalised maps `[n, K]` with their targets, for visualisation.
-    """
+) -> dict[str, dict[str, float]]:
+    """Grounding metrics of `model` over collated `batches` (docs/batch_contract.md):
+    {"fused": {...}, "layer L": {...}}, each micro-averaged over (row, temporal group) pairs."""
     metrics = metrics or GroundingMetricsConfig()
     device = next(model.parameters()).device
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
     acc = MetricAccumulator()
-    kept: list[dict] = []
     try:
         for batch in batches:
             grounding = batch.pop("grounding")
@@ -165,14 +161,9 @@ def evaluate_grounding(
             acc.add("fused", pair_metrics(fused, target, groups, valid, metrics))
             for layer, layer_map in zip(layers, normalised):
                 acc.add(f"layer {layer}", pair_metrics(layer_map, target, groups, valid, metrics))
-            for b in range(fused.shape[0]):
-                if len(kept) < keep_maps and bool(valid[b].any()):
-                    n_rows = int((rows[b] >= 0).sum())
-                    kept.append({"map": fused[b, :n_rows].cpu(), "target": target[b, :n_rows].cpu(),
-                                 "video_grid_thw": batch["video_grid_thw"][b].cpu()})  # fmt: skip
     finally:
         probe.remove()
-    return acc.summary(), kept
+    return acc.summary()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-cover", type=float, default=0.05)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    parser.add_argument(
+        "--system-prompt", default=SWIM_SYSTEM_PROMPT, help="as in training (default: SWIM's)"
+    )
     return parser
 
 
@@ -212,13 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     settings = VideoSettings(num_frames=args.num_frames, max_frames=args.max_frames,
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
-    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True)
+    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, system_prompt=args.system_prompt)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, collate_fn=SwimCollator(tokenizer.pad_token_id)
     )
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model).eval()
     layers = args.layers or default_supervised_layers(model.config.text_config.num_hidden_layers)
-    summary, _ = evaluate_grounding(
+    summary = evaluate_grounding(
         model, tqdm(loader, desc="grounding"), layers, query_offset=args.query_offset,
         metrics=GroundingMetricsConfig(args.min_cover, args.top_k),
     )  # fmt: skip

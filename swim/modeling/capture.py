@@ -102,7 +102,11 @@ def attention_rows(
     softmax over keys `<=` its position that are not padding, and sums to 1.
     """
     attn = layer.self_attn
-    b, length, _ = hidden_states.shape
+    full_length = hidden_states.shape[1]
+    # causal: keys after the last selected row get probability 0, so they are never projected
+    length = int(query_positions.max()) + 1 if query_positions.numel() else 1
+    hidden_states, cos, sin, key_mask = (t[:, :length] for t in (hidden_states, cos, sin, key_mask))
+    b = hidden_states.shape[0]
     n, d = query_positions.shape[1], attn.head_dim
     x = layer.input_layernorm(hidden_states)
     x_rows = x.gather(1, query_positions[..., None].expand(-1, -1, x.shape[-1]))
@@ -120,7 +124,7 @@ def attention_rows(
     allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
     allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return torch.nn.functional.pad(torch.softmax(scores, dim=-1), (0, full_length - length))
 
 
 class AttentionProbe:

@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
+    from swim.data.tags import SWIM_SYSTEM_PROMPT
     from swim.data.video import VideoSettings
     from swim.modeling.capture import default_supervised_layers
 
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, default=768 * 28 * 28)
     parser.add_argument("--gif", action="store_true")
+    parser.add_argument(
+        "--system-prompt", default=SWIM_SYSTEM_PROMPT, help="as in training (default: SWIM's)"
+    )
     args = parser.parse_args(argv)
 
     records, _ = load_records(args.data, data_root=args.data_root)
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     settings = VideoSettings(
         num_frames=args.num_frames, max_frames=args.num_frames, max_pixels=args.max_pixels
     )
-    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, strict=True)
+    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, strict=True,
+                          system_prompt=args.system_prompt)  # fmt: skip
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model).eval()
     layers = args.layers or default_supervised_layers(model.config.text_config.num_hidden_layers)
     written = []
