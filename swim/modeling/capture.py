@@ -124,7 +124,8 @@ def attention_rows(
     allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
     allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.nn.functional.pad(torch.softmax(scores, dim=-1), (0, full_length - length))
+    probs = torch.softmax(scores, dim=-1)
+    return probs if length == full_length else torch.nn.functional.pad(probs, (0, full_length - length))
 
 
 class AttentionProbe:
