@@ -78,3 +78,12 @@ def test_deepspeed_zero3_two_steps_on_cpu(tiny_ckpt, synth, tmp_path):
     logged = [e for e in state["log_history"] if "loss_attn" in e]
     assert [e["step"] for e in logged] == [1, 2] and all(e["loss_attn"] > 0 for e in logged)
     assert "trained with DeepSpeed ZeRO stage 3" in proc.stdout + proc.stderr
+
+
+def test_lora_through_peft_trains_with_the_attention_loss(tiny_ckpt, synth, tmp_path):
+    trainer = train_main(args(tiny_ckpt, synth, tmp_path / "lora", "--use_peft", "--lora_r", "4",
+                              "--lora_target_modules", "q_proj", "k_proj", "--max_steps", "2", "--save_strategy", "no",
+                              "--learning_rate", "1e-2"))  # fmt: skip
+    assert all(attn > 0 for *_, attn in losses(trainer))
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n and "layers.1.self_attn" in n}
+    assert lora and all(p.abs().sum() > 0 for p in lora.values())  # lora_B starts at zero
