@@ -106,3 +106,9 @@ def test_model_forward_returns_both_losses(tiny_ckpt):
     torch.testing.assert_close(out.loss_text, plain(**batch).loss)
     no_grounding = model(**batch)
     assert no_grounding.loss_attn is None and torch.equal(no_grounding.loss, no_grounding.loss_text)
+
+
+def test_evaluate_logs_both_losses(tiny_ckpt, tmp_path):
+    trainer, _ = train(tiny_ckpt, tmp_path / "run", attn_weight=1.0)
+    metrics = trainer.evaluate(Dataset.from_dict({"index": [0, 1]}))
+    assert metrics["eval_loss"] > 0 and metrics["eval_loss_attn"] > 0 and metrics["eval_loss_text"] > 0

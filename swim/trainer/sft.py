@@ -10,6 +10,7 @@ supervised decoder layers; `compute_loss` pops the `grounding` targets, runs TRL
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -43,33 +44,25 @@ class SwimSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         grounding = inputs.pop("grounding", None)
         cfg = self.grounding
-        if not has_queries(grounding):
-            loss_text = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self._log_terms(loss_text, None)
-            return _scale_loss(loss_text, cfg.text_weight)
-
-        with self.probe.capture():
+        supervised = has_queries(grounding)
+        with self.probe.capture() if supervised else nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_text = result[0] if return_outputs else result
-        try:
-            # λ = 0 still measures the loss (for baselines), without building a graph for it.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.attn_weight != 0):
-                loss_attn, _ = grounding_loss(
-                    self.probe,
-                    grounding,
-                    inputs["input_ids"],
-                    inputs.get("attention_mask"),
-                    self.video_token_id,
-                    cfg,
-                )
-        finally:
-            self.probe.clear()
+        loss, loss_attn = cfg.text_weight * loss_text, None
+        if supervised:
+            try:
+                # λ = 0 still measures the loss (for baselines), without building a graph for it.
+                with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.attn_weight != 0):
+                    loss_attn, _ = grounding_loss(self.probe, grounding, inputs["input_ids"],
+                                                  inputs.get("attention_mask"), self.video_token_id, cfg)  # fmt: skip
+            finally:
+                self.probe.clear()
+            # Like TRL's MoE aux loss: when the Trainer leaves gradient accumulation to a token-normalised text
+            # loss, the per-micro-batch mean attention loss is averaged over the accumulation steps here.
+            loss_is_scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            steps = self.current_gradient_accumulation_steps if loss_is_scaled_for_ga else 1
+            loss = loss + cfg.attn_weight * loss_attn.to(loss.dtype) / steps
         self._log_terms(loss_text, loss_attn)
-        # Like TRL's MoE aux loss: when the Trainer leaves gradient accumulation to a token-normalised text loss,
-        # the per-micro-batch mean attention loss must be averaged over the accumulation steps here.
-        loss_is_scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        steps = self.current_gradient_accumulation_steps if loss_is_scaled_for_ga else 1
-        loss = cfg.text_weight * loss_text + cfg.attn_weight * loss_attn.to(loss_text.dtype) / steps
         return (loss, result[1]) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -94,9 +87,3 @@ class SwimSFTTrainer(SFTTrainer):
         metrics["loss_text"].append(self.accelerator.gather_for_metrics(loss_text.detach()).mean().item())
         if loss_attn is not None:
             metrics["loss_attn"].append(self.accelerator.gather_for_metrics(loss_attn.detach()).mean().item())
-
-
-def _scale_loss(loss, weight: float):
-    if isinstance(loss, tuple):
-        return (weight * loss[0], *loss[1:])
-    return weight * loss
