@@ -129,7 +129,7 @@ def test_video_token_positions():
     assert video_token_positions(ids, 13).tolist() == [[1, 2, 4], [0, -1, -1]]
 
 
-def _grad_norms(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES):
+def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES):
     torch.manual_seed(0)
     model = load(tiny_ckpt).train()
     if mode != "none":
@@ -158,14 +158,14 @@ def _grad_norms(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES):
 
 @pytest.mark.parametrize("mode", ["none", "reentrant", "non_reentrant"])
 def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(tiny_ckpt, mode):
-    grads = _grad_norms(tiny_ckpt, mode)
+    grads = _supervised_grads(tiny_ckpt, mode)
     for layer in (1, 3):
         for name in ("q_proj", "k_proj"):
             g = grads[(layer, name)]
             assert g is not None and g.abs().sum() > 0, f"no gradient at layer {layer} {name} ({mode})"
     # layers above the last supervised one cannot influence the loss
     assert grads[(3, "q_proj")] is not None
-    reference = _grad_norms(tiny_ckpt, "none")
+    reference = _supervised_grads(tiny_ckpt, "none")
     for key, g in grads.items():
         if reference[key] is None:
             assert g is None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from swim.data.records import BENCH_D_PROMPT
-from swim.eval.bench_q import check_same_bench, clean_text, load_bench
+from swim.eval.bench_q import add_bench_io_args, check_same_bench, clean_text, load_bench
 from swim.eval.bench_q import run_config as bench_q_run_config
 from swim.eval.generate import (
     Generator,
@@ -202,12 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swim eval bench-d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bench", help="Bench-D JSON, original or NL-refined (with --merge: default the one "
-                        "the generations were made for)")  # fmt: skip
-    parser.add_argument("--data-root", default=None, help="folder the 'video' paths are relative to "
-                        "(default: the bench file's folder)")  # fmt: skip
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
+    add_bench_io_args(parser, "Bench-D")
     parser.add_argument(
         "--default-question",
         default=BENCH_D_PROMPT,

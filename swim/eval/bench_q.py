@@ -391,16 +391,21 @@ def log_results(results: dict[str, Any], out_dir: Path) -> None:
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="swim eval bench-q", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--bench", help="Bench-Q JSON, original or NL-refined (with --merge: default the one "
+def add_bench_io_args(parser: argparse.ArgumentParser, bench: str) -> None:
+    """--bench / --data-root / --out / --limit, shared by the Bench-Q and Bench-D commands."""
+    parser.add_argument("--bench", help=f"{bench} JSON, original or NL-refined (with --merge: default the one "
                         "the generations were made for)")  # fmt: skip
     parser.add_argument("--data-root", default=None, help="folder the 'video' paths are relative to "
                         "(default: the bench file's folder)")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke tests)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N records (smoke tests)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swim eval bench-q", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_bench_io_args(parser, "Bench-Q")
     parser.add_argument("--num-shards", type=int, default=1, help="split the questions over N processes")
     parser.add_argument("--shard-index", type=int, default=0, help="which shard this process runs")
     parser.add_argument("--merge", action="store_true", help="score the shards' generations (no model)")
