@@ -30,6 +30,7 @@ from swim.data.tags import SWIM_SYSTEM_PROMPT
 from swim.data.video import VideoSettings
 from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
+from swim.trainer.distributed import describe_parallelism
 
 logger = logging.getLogger("swim.train")
 
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     # ---- train
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     dataset.log_skips()
-    if trainer.is_deepspeed_enabled:
-        logger.info("trained with DeepSpeed ZeRO stage %d", trainer.deepspeed.zero_optimization_stage())
+    logger.info("trained with %s", describe_parallelism(trainer))
 
     # ---- save
     trainer.save_model(training_args.output_dir)

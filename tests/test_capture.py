@@ -12,7 +12,7 @@ from swim.modeling.capture import (
     find_decoder_layers,
     video_token_positions,
 )
-from swim.modeling.objective import GroundingConfig, grounding_loss
+from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_pair_count, supervised_rows
 from swim.testing import video_batch
 
 # Right-padded, unequal lengths, the second sample with two videos.
@@ -77,15 +77,23 @@ def test_capture_leaves_main_forward_unchanged(tiny_ckpt):
     assert torch.equal(plain, captured)
 
 
+def _flash_attention_2_model(ckpt):
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        ckpt, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+    ).cuda()
+
+
+def _on_cuda(inputs):
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].bfloat16()
+    return inputs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not is_flash_attn_2_available(), reason="flash-attn not installed")
 def test_attention_maps_under_flash_attention_2(tiny_ckpt):
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tiny_ckpt, attn_implementation="flash_attention_2", dtype=torch.bfloat16
-    ).cuda()
-    batch = video_batch(model.config, SAMPLES)
-    inputs = {k: v.cuda() for k, v in model_inputs(batch).items()}
-    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].bfloat16()
+    model = _flash_attention_2_model(tiny_ckpt)
+    inputs = _on_cuda(model_inputs(video_batch(model.config, SAMPLES)))
     query_positions = torch.tensor([[20, 21], [30, 31]]).cuda()
     with torch.no_grad():
         ours = attention_maps(model, inputs, [1, 3], query_positions)
@@ -101,15 +109,18 @@ def test_default_supervised_layers():
     assert default_supervised_layers(4) == [0, 1, 2, 3]
 
 
-def test_probe_hooks_only_text_decoder_layers(tiny_ckpt):
+def test_probe_hooks_only_the_supervised_attention_of_text_decoder_layers(tiny_ckpt):
     model = load(tiny_ckpt)
     layers = find_decoder_layers(model)
     assert len(layers) == model.config.text_config.num_hidden_layers
     probe = AttentionProbe(model, [1, 3])
-    hooked = [name for name, m in model.named_modules() if m._forward_pre_hooks]
-    assert hooked == ["model.language_model.layers.1", "model.language_model.layers.3"]
+    pre = [name for name, m in model.named_modules() if m._forward_pre_hooks]
+    post = [name for name, m in model.named_modules() if m._forward_hooks]
+    prefix = "model.language_model.layers"
+    assert pre == [f"{prefix}.1.self_attn", f"{prefix}.3.self_attn"]
+    assert post == [f"{prefix}.{i}.self_attn.{p}" for i in (1, 3) for p in ("q_proj", "k_proj")]
     probe.remove()
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     with pytest.raises(ValueError, match="out of range"):
         AttentionProbe(model, [4])
 
@@ -129,25 +140,33 @@ def test_video_token_positions():
     assert video_token_positions(ids, 13).tolist() == [[1, 2, 4], [0, -1, -1]]
 
 
-def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES):
-    torch.manual_seed(0)
-    model = load(tiny_ckpt).train()
-    if mode != "none":
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
-        )
+def _grounded_batch(model, samples=SAMPLES):
     batch = video_batch(model.config, samples)
     grounding = batch.pop("grounding")
     batch.pop("labels")
-    config = GroundingConfig(layers=list(layers))
+    return batch, grounding
+
+
+def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES, config=None):
+    """Gradients of the attention loss through the real path: one forward inside `capture(rows)`, then the loss."""
+    torch.manual_seed(0)
+    model = load(tiny_ckpt).train()
+    if mode != "none":
+        model.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
+    batch, grounding = _grounded_batch(model, samples)
+    config = config or GroundingConfig(layers=list(layers))
     probe = AttentionProbe(model, config.layers)
-    with probe.capture():
-        # the real path: its output feeds a loss, so reentrant checkpointing is active for the layers
+    with probe.capture(supervised_rows(grounding, config.query_offset)):
+        # the real path: its output feeds a loss, so checkpointing is active for the layers
         text_logits = model(**batch).logits
     loss, stats = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
                                  model.config.video_token_id, config)  # fmt: skip
     assert stats["attn_pairs"] > 0
     (loss + 0 * text_logits.sum()).backward()
+    return _qk_grads(model), loss.detach()
+
+
+def _qk_grads(model):
     decoder = find_decoder_layers(model)
     return {
         (i, name): getattr(decoder[i].self_attn, name).weight.grad
@@ -156,16 +175,56 @@ def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES):
     }
 
 
-@pytest.mark.parametrize("mode", ["none", "reentrant", "non_reentrant"])
-def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(tiny_ckpt, mode):
-    grads = _supervised_grads(tiny_ckpt, mode)
+class _EagerProbe:
+    """Stands in for `AttentionProbe` in `grounding_loss`: video attention read off eager `output_attentions`."""
+
+    def __init__(self, attentions, layers):
+        self.attentions, self.layers = attentions, layers
+
+    def video_attention(self, query_positions, video_positions, attention_mask=None, batch_index=None):
+        out = []
+        for layer in self.layers:
+            a = self.attentions[layer][batch_index].mean(1)  # [B', L, L] head mean
+            rows = a.gather(1, query_positions.clamp(min=0)[..., None].expand(-1, -1, a.shape[-1]))
+            cols = rows.gather(2, video_positions.clamp(min=0)[:, None, :].expand(-1, rows.shape[1], -1))
+            out.append(cols * (query_positions >= 0)[..., None] * (video_positions >= 0)[:, None, :])
+        return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "swim_parity"])
+def test_attention_loss_gradients_equal_eager_attention_gradients(tiny_ckpt, loss_type):
+    """The loss and its q_proj/k_proj gradients equal those of the same loss on eager `output_attentions`."""
+    config = GroundingConfig(layers=[1, 3], loss_type=loss_type, query_offset=-1 if loss_type != "kl" else 0)
+    ours, loss = _supervised_grads(tiny_ckpt, "none", config=config)
+    model = load(tiny_ckpt, "eager").train()
+    batch, grounding = _grounded_batch(model)
+    attentions = model(**batch, output_attentions=True).attentions
+    reference_loss, _ = grounding_loss(_EagerProbe(attentions, [1, 3]), grounding, batch["input_ids"],
+                                       batch["attention_mask"], model.config.video_token_id, config)  # fmt: skip
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss.detach(), atol=1e-6, rtol=1e-5)
+    reference = _qk_grads(model)
+    for key, g in ours.items():
+        if reference[key] is None or reference[key].abs().max() == 0:
+            assert g is None or g.abs().max() == 0, key
+        else:  # float32 noise, amplified by swim_parity's products of small probabilities: relative to the peak
+            torch.testing.assert_close(
+                g, reference[key], atol=3e-5 * float(reference[key].abs().max()), rtol=0
+            )
+
+
+MIXED = [dict(videos=[(2, 4, 8)], text=4), SAMPLES[0]]  # the first sample has no masks: a subset is captured
+
+
+@pytest.mark.parametrize("samples", [SAMPLES, MIXED], ids=["all_supervised", "mixed"])
+@pytest.mark.parametrize("mode", ["none", "non_reentrant"])
+def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(tiny_ckpt, mode, samples):
+    grads, _ = _supervised_grads(tiny_ckpt, mode, samples=samples)
     for layer in (1, 3):
         for name in ("q_proj", "k_proj"):
             g = grads[(layer, name)]
             assert g is not None and g.abs().sum() > 0, f"no gradient at layer {layer} {name} ({mode})"
-    # layers above the last supervised one cannot influence the loss
-    assert grads[(3, "q_proj")] is not None
-    reference = _supervised_grads(tiny_ckpt, "none")
+    reference, _ = _supervised_grads(tiny_ckpt, "none", samples=samples)
     for key, g in grads.items():
         if reference[key] is None:
             assert g is None
@@ -173,21 +232,100 @@ def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(tiny_ckpt, mod
             torch.testing.assert_close(g, reference[key], atol=1e-6, rtol=1e-4)
 
 
-def test_only_samples_with_queries_are_recomputed(tiny_ckpt):
+def test_reentrant_checkpointing_fails_loudly(tiny_ckpt):
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        _supervised_grads(tiny_ckpt, "reentrant")
+
+
+def test_no_module_with_parameters_runs_after_the_forward(tiny_ckpt):
+    """ZeRO-3 gathers and FSDP reshards weights around a module's own forward: the loss must call no module."""
+    model = load(tiny_ckpt).train()
+    batch, grounding = _grounded_batch(model)
+    config = GroundingConfig(layers=[1, 3])
+    probe = AttentionProbe(model, config.layers)
+    with probe.capture(supervised_rows(grounding, 0)):
+        model(**batch)
+    called = []
+    handles = [m.register_forward_pre_hook(lambda m, a, name=name: called.append(name))
+               for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+    loss, _ = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
+                             model.config.video_token_id, config)  # fmt: skip
+    loss.backward()
+    for h in handles:
+        h.remove()
+    assert called == [] and loss > 0
+
+
+def test_capture_keeps_only_the_rows_of_samples_with_queries(tiny_ckpt):
     model = load(tiny_ckpt).eval()
-    samples = [dict(SAMPLES[0]), dict(videos=[(2, 4, 4)], text=5)]  # the second has no masks
-    batch = video_batch(model.config, samples)
+    samples = [dict(videos=[(2, 4, 4)], text=5), dict(SAMPLES[0])]  # the first has no masks
+    batch, grounding = _grounded_batch(model, samples)
+    rows = supervised_rows(grounding, 0)
     probe = AttentionProbe(model, [1])
-    seen = []
-    original = probe.video_attention
+    with torch.no_grad(), probe.capture(rows):
+        model(**batch)
+    record = probe._captured[0]
+    config = model.config.text_config
+    head_dim = config.hidden_size // config.num_attention_heads
+    last = int(rows.max())
+    assert record.query.shape == (1, rows.shape[1], config.num_attention_heads, head_dim)
+    assert record.key.shape == (1, last + 1, config.num_key_value_heads, head_dim)
+    # the rows of the supervised sample equal eager attention; another row was not kept
+    with torch.no_grad():
+        ours = probe.rows(rows[1:], batch["attention_mask"][1:], batch_index=torch.tensor([1]))
+    reference = eager_rows(tiny_ckpt, batch, [1], rows.clamp(min=0))[:, 1:]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="not captured"):
+        probe.rows(rows[1:] - 1, batch_index=torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="none were captured"):
+        probe.rows(torch.tensor([[3]]), batch_index=torch.tensor([0]))
 
-    def spy(query_positions, video_positions, attention_mask=None, batch_index=None):
-        seen.append((tuple(query_positions.shape), batch_index.tolist()))
-        return original(query_positions, video_positions, attention_mask, batch_index)
 
-    probe.video_attention = spy
-    with torch.no_grad(), probe.capture():
-        model(**model_inputs(batch))
-        grounding_loss(probe, batch["grounding"], batch["input_ids"], batch["attention_mask"],
-                       model.config.video_token_id, GroundingConfig(layers=[1]))  # fmt: skip
-    assert seen == [((1, 2), [0])]
+def test_first_forward_in_a_capture_block_is_kept(tiny_ckpt):
+    """TRL's label-smoothing path runs a second, gradient-free forward inside the same block: ignore it."""
+    model = load(tiny_ckpt).train()
+    batch, grounding = _grounded_batch(model)
+    probe = AttentionProbe(model, [1])
+    with probe.capture(supervised_rows(grounding, 0)):
+        model(**batch)
+        with torch.no_grad():
+            model(**batch)
+    assert probe._captured[0].query.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_flash_attn_2_available(), reason="flash-attn not installed")
+def test_attention_loss_trains_under_flash_attention_2_bf16(tiny_ckpt):
+    """The training path on GPU: FlashAttention-2 main kernel, bf16, non-reentrant checkpointing."""
+    model = _flash_attention_2_model(tiny_ckpt)
+    model.train().activation_checkpointing_enable({"use_reentrant": False})
+    batch, grounding = _grounded_batch(model)
+    batch, grounding = _on_cuda(batch), {k: v.cuda() for k, v in grounding.items()}
+    config = GroundingConfig(layers=[1, 3])
+    probe = AttentionProbe(model, config.layers)
+    with probe.capture(supervised_rows(grounding, 0)):
+        logits = model(**batch).logits
+    loss, _ = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
+                             model.config.video_token_id, config)  # fmt: skip
+    (loss + 0 * logits.float().sum()).backward()
+    _, reference = _supervised_grads(tiny_ckpt, "none")  # float32, sdpa, CPU
+    assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.05 * reference.item()
+    grads = _qk_grads(model)
+    for layer in (1, 3):
+        for name in ("q_proj", "k_proj"):
+            assert grads[(layer, name)] is not None and grads[(layer, name)].abs().sum() > 0
+
+
+def test_supervised_rows_and_pair_count_by_hand(tiny_ckpt):
+    model = load(tiny_ckpt)
+    batch = video_batch(model.config, SAMPLES + [dict(videos=[(2, 4, 4)], text=5)])
+    grounding = batch["grounding"]
+    # sample 0: 2 tagged rows x 2 temporal groups; sample 1: 1 row x 4 groups (two videos); sample 2: no masks
+    assert supervised_pair_count(grounding, 0) == 2 * 2 + 1 * 4
+    assert supervised_pair_count(None, 0) == 0
+    rows = supervised_rows(grounding, -1)
+    assert torch.equal(rows >= 0, grounding["query_positions"] >= 0)
+    assert torch.equal(rows[rows >= 0], grounding["query_positions"][rows >= 0] - 1)
+    # a group without a mask is not a pair: drop object 0's mask in sample 0's second group
+    grounding["object_group_valid"][0, 0, 1] = False
+    assert supervised_pair_count(grounding, 0) == 2 * 2 + 1 * 4 - 1

@@ -55,7 +55,18 @@ def train(
     return trainer, before
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_reentrant_checkpointing_is_rejected_when_the_config_is_parsed(tmp_path):
+    with pytest.raises(ValueError, match="use_reentrant.*false"):
+        SwimSFTConfig(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing=True,
+                      activation_checkpointing_kwargs={"use_reentrant": True})  # fmt: skip
+    with pytest.raises(ValueError, match="torch's default"):
+        SwimSFTConfig(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing_kwargs={})
+    # a text-only baseline has no attention gradient to lose
+    SwimSFTConfig(output_dir=str(tmp_path), use_cpu=True, attn_weight=0.0,
+                  activation_checkpointing_kwargs={"use_reentrant": True})  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant"])
 def test_attention_loss_changes_the_supervised_layers_in_sft_trainer_train(
     tiny_ckpt, tmp_path, checkpointing
 ):

@@ -32,7 +32,7 @@ VIDEO_FRACTION = 0.8
 N_QUERIES = 8
 
 
-def build_model(device: str):
+def build_model(device: str, dtype: str = "float32"):
     import torch
     from transformers import Qwen2_5_VLConfig
 
@@ -49,7 +49,8 @@ def build_model(device: str):
         vision_hidden_size=32,
     )
     torch.manual_seed(0)
-    model = SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).to(device).train()
+    model = SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    model = model.to(device=device, dtype=getattr(torch, dtype)).train()
     model.model.visual.requires_grad_(False)  # frozen, as in training
     return model
 
@@ -68,6 +69,7 @@ def build_batch(model, length: int, device: str) -> dict:
         objects=2,
     )
     batch = video_batch(model.config, [spec])
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(model.dtype)
     return {k: _to(v, device) for k, v in batch.items()}
 
 
@@ -90,7 +92,7 @@ def reference_style_loss(model, batch):
     video_end = int((input_ids[0] == model.config.vision_end_token_id).nonzero().max())
     all_rows = torch.arange(video_end, input_ids.shape[1], device=input_ids.device)[None]
     inputs = {k: v for k, v in batch.items() if k != "grounding"}
-    with probe.capture():
+    with probe.capture():  # every row of every layer, as the release
         out = model(**inputs)
     rows = probe.rows(all_rows, batch["attention_mask"])  # [layers, 1, heads, rows, L] materialised
     loss_attn, _ = grounding_loss(
@@ -101,14 +103,16 @@ def reference_style_loss(model, batch):
     return out.loss + loss_attn + 0 * rows.sum()
 
 
-def run_length(length: int, methods: list[str], repeats: int, device: str, checkpointing: bool) -> list[dict]:
+def run_length(
+    length: int, methods: list[str], repeats: int, device: str, checkpointing: bool, dtype: str = "float32"
+) -> list[dict]:
     """Time the methods interleaved (A B C A B C ...) so that machine drift hits all of them alike, then
     measure each one's peak tensor memory during one step."""
     import torch
 
-    model = build_model(device)
+    model = build_model(device, dtype)
     if checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     batch = build_batch(model, length, device)
     grounding = batch.pop("grounding")
 
@@ -190,20 +194,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = []
     for length in args.lengths:
-        rows += run_length(length, args.methods, args.repeats, args.device, args.checkpointing)
+        rows += run_length(length, args.methods, args.repeats, args.device, args.checkpointing, args.dtype)
         for r in rows[-len(args.methods) :]:
             logger.info("%s @ %d: %.3f s, %.0f MB", r["method"], r["length"], r["step_s"], r["peak_mb"])
     table = format_table(rows)
     print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "checkpointing": args.checkpointing, "device": args.device}, f, indent=2)
+            json.dump({"rows": rows, "checkpointing": args.checkpointing, "device": args.device, "dtype": args.dtype},
+                      f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     swim eval grounding --model DIR --data FILE [--data-root R] [--out DIR] [--layers 2 7 ...] [--query-offset 0]
 
 For every record with masks, the question and answer are teacher-forced, and the attention rows of the tagged
-words' tokens are recomputed (`swim.modeling.AttentionProbe`) for the chosen layers. Per (row, temporal group)
-pair with a mask, on the merged token grid of that group (head mean, renormalised over the group's tokens):
+words' tokens are computed from the q/k captured in that forward (`swim.modeling.AttentionProbe`) for the chosen
+layers. Per (row, temporal group) pair with a mask, on the merged token grid of that group (head mean,
+renormalised over the group's tokens):
 
 - `pointing_game`: the arg-max token is inside the object (its cell covered by at least `min_cover` of mask);
 - `pointing_game_at_k`: fraction of the top-k tokens inside the object (the reference's GamePoint@k);
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from swim.data.tags import SWIM_SYSTEM_PROMPT
 from swim.modeling.capture import AttentionProbe, default_supervised_layers, video_token_positions
 from swim.modeling.losses import group_normalize
+from swim.modeling.objective import supervised_rows
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +144,9 @@ def evaluate_grounding(
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             grounding = {k: v.to(device) for k, v in grounding.items()}
-            with probe.capture():
+            rows = supervised_rows(grounding, query_offset)
+            with probe.capture(rows):
                 model(**batch, use_cache=False, logits_to_keep=1)
-            rows = grounding["query_positions"] + query_offset
-            rows = torch.where(grounding["query_positions"] >= 0, rows, -1)
             video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
             attn = probe.video_attention(rows, video_positions, batch["attention_mask"])  # [Λ, B, n, K]
             probe.clear()

@@ -1,7 +1,7 @@
 """Attention capture and grounding losses for Qwen2.5-VL on stock transformers (our "patched model")."""
 
 from swim.modeling.capture import AttentionProbe, attention_maps, default_supervised_layers
-from swim.modeling.objective import GroundingConfig, grounding_loss
+from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_pair_count, supervised_rows
 
 __all__ = [
     "AttentionProbe",
@@ -9,4 +9,6 @@ __all__ = [
     "attention_maps",
     "default_supervised_layers",
     "grounding_loss",
+    "supervised_pair_count",
+    "supervised_rows",
 ]

@@ -1,29 +1,40 @@
-"""Attention capture for chosen decoder layers and query rows, on stock transformers.
+"""Attention capture for chosen decoder layers and query rows, taken from the model's own forward.
 
-Design: *recompute from captured layer inputs* (reference §8.1), not a registered attention function.
+Design: *capture q and k inside the forward, finish the softmax outside it* (docs/batch_contract.md, README).
 
-- A forward pre-hook on each supervised decoder layer keeps a reference to the layer's input hidden states and
-  its rotary `(cos, sin)`. In transformers 5 the gradient-checkpointing wrapper checkpoints `forward`, not
-  `__call__`, so module hooks run *outside* the checkpointed region: the captured tensors are ordinary graph
-  tensors under no checkpointing, reentrant and non-reentrant checkpointing alike (and they are saved anyway as
-  checkpoint inputs, so keeping them costs no memory).
-- After the forward, `input_layernorm → q_proj` (selected rows only) and `k_proj` (all keys) are recomputed
-  for the supervised layers only, M-RoPE is applied with the captured `(cos, sin)`, and the probabilities are
-  a float32 causal + padding softmax. When the model checkpoints its layers, the recompute runs under a
-  non-reentrant checkpoint too, so only the small `[rows, K]` result is kept for backward; otherwise, like the
-  model, it keeps its activations and skips the second pass.
+- A forward pre-hook on each supervised layer's attention module (`self_attn`) keeps references to its rotary
+  tables `(cos, sin)`.
+- Forward hooks on the modules that produce the **pre-RoPE query and key states** keep their outputs: the per-head
+  norms `q_norm` / `k_norm` where the attention has them (Qwen3 families), otherwise `q_proj` / `k_proj`
+  (Qwen2-VL, Qwen2.5-VL). The query hook keeps only the rows to be supervised (`capture(query_positions=...)`:
+  the collator knows them before the forward) of the samples that have any; the key hook keeps keys up to the
+  last such row (later keys are causally masked anyway).
+- After the forward only parameter-free work is left: RoPE with the captured tables, a float32 GQA score, the
+  causal + padding softmax, the gather of the visual columns. Under activation checkpointing that part runs under
+  its own non-reentrant checkpoint, so only the small `[B, n, K]` result is kept for backward.
 
-Why not an `AttentionInterface` function that records rows during the real forward: under reentrant
-checkpointing that forward runs without autograd, so the recorded rows carry no gradient (exactly the bug of
-the official release), and the recomputation in backward would record them twice. The recompute is also
-independent of the kernel that runs the main attention (sdpa, eager, flash_attention_2), leaves the main
-forward untouched, and never touches the vision tower (whose blocks have no `self_attn`).
+Why this design: no module with parameters is ever called outside its own forward. Under DeepSpeed ZeRO-3 a
+module's partitioned weights are gathered by collectives in its own forward/backward hooks, and under FSDP2 they
+are resharded `DTensor`s after the layer's forward, so a post-forward recompute (the previous design) issued
+extra collectives on supervised ranks only (a hang or a gloo abort on mixed batches) and could not run under FSDP2
+at all. Here the attention loss reaches `q_proj` / `k_proj` only through activations of the main graph: its
+gradient flows through the same backward nodes the text loss uses, so there is no extra collective anywhere and
+ranks with and without masks stay in lockstep. It is also cheaper: the second `input_layernorm`, `q_proj` and
+`k_proj` pass is gone. The result is independent of the kernel of the main attention (sdpa, eager,
+flash_attention_2), the vision tower is never hooked (its blocks have no `self_attn.layer_idx`), and nothing is
+captured outside `capture()` (inference, batches without masks).
+
+Checkpointing: none or non-reentrant only. Under reentrant checkpointing the layer's forward runs without
+autograd, so captured q/k would carry no gradient: the probe raises, and `SwimSFTConfig` rejects the setting when
+the config is parsed. Memory: the keys of the supervised layers up to the last supervised row stay alive until the
+loss is computed (6 layers x 16k tokens x 512 x bf16 ~ 100 MB for Qwen2.5-VL-7B).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +57,7 @@ def default_supervised_layers(num_layers: int) -> list[int]:
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The text decoder layers of `model` (stock, subclassed, PEFT- or DeepSpeed-wrapped), by `layer_idx`.
+    """The text decoder layers of `model` (stock, subclassed, PEFT-, DeepSpeed- or FSDP-wrapped), by `layer_idx`.
 
     A decoder layer is a module with `self_attn.layer_idx` and an `input_layernorm`; vision blocks have
     neither, so the vision tower is never hooked.
@@ -59,6 +70,17 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise ValueError(f"no text decoder layers found in {type(model).__name__}")
     return [layers[i] for i in sorted(layers)]
+
+
+def pre_rope_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are the query and key states right before RoPE.
+
+    Per-head norms (`q_norm`/`k_norm`, Qwen3) are applied after the projections, so they are the capture point
+    when present; otherwise the projections are. Their outputs are `[B, L, heads * d]` or `[B, L, heads, d]`.
+    """
+    if hasattr(attn, "q_norm") and hasattr(attn, "k_norm"):
+        return attn.q_norm, attn.k_norm
+    return attn.q_proj, attn.k_proj
 
 
 def video_token_positions(input_ids: torch.Tensor, video_token_id: int) -> torch.Tensor:
@@ -87,58 +109,61 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def attention_rows(
-    layer: nn.Module,
-    hidden_states: torch.Tensor,
+def attention_from_qk(
+    query: torch.Tensor,
+    key: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     query_positions: torch.Tensor,
     key_mask: torch.Tensor,
+    scaling: float,
 ) -> torch.Tensor:
-    """Float32 attention probabilities of the selected query rows of one decoder layer.
+    """Float32 attention probabilities of selected query rows over the keys before them (parameter-free).
 
-    hidden_states: `[B, L, D]` the layer's input; cos, sin: `[B, L, d]`; query_positions: Long `[B, n]`
-    (valid, >= 0); key_mask: Bool `[B, L]` (False at padding). Returns `[B, heads, n, L]`: each row is a causal
-    softmax over keys `<=` its position that are not padding, and sums to 1.
+    query: `[B, n, heads, d]` pre-RoPE query states of the rows; key: `[B, Lk, kv_heads, d]` pre-RoPE keys of
+    positions `0..Lk-1`; cos, sin: `[B, Lk, d]`; query_positions: Long `[B, n]`, each `< Lk`; key_mask: Bool
+    `[B, Lk]` (False at padding). Returns `[B, heads, n, Lk]`: each row is a causal softmax over the keys `<=` its
+    position that are not padding, and sums to 1.
     """
-    attn = layer.self_attn
-    full_length = hidden_states.shape[1]
-    # causal: keys after the last selected row get probability 0, so they are never projected
-    length = int(query_positions.max()) + 1 if query_positions.numel() else 1
-    hidden_states, cos, sin, key_mask = (t[:, :length] for t in (hidden_states, cos, sin, key_mask))
-    b = hidden_states.shape[0]
-    n, d = query_positions.shape[1], attn.head_dim
-    x = layer.input_layernorm(hidden_states)
-    x_rows = x.gather(1, query_positions[..., None].expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(x_rows).view(b, n, -1, d).transpose(1, 2)  # [B, H, n, d]
-    k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)  # [B, KV, L, d]
-    rows_cos = cos.gather(1, query_positions[..., None].expand(-1, -1, d))
-    rows_sin = sin.gather(1, query_positions[..., None].expand(-1, -1, d))
-    q = _rope(q, rows_cos, rows_sin).float()
-    k = _rope(k, cos, sin).float()
+    b, n, heads, d = query.shape
+    length, kv_heads = key.shape[1], key.shape[2]
+    index = query_positions[..., None].expand(-1, -1, d)
+    q = _rope(query.transpose(1, 2), cos.gather(1, index), sin.gather(1, index)).float()  # [B, H, n, d]
+    k = _rope(key.transpose(1, 2), cos, sin).float()  # [B, KV, Lk, d]
     # GQA without materialising repeated keys: group the query heads of each key/value head.
-    kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, -1, d)  # [B, KV, (H/KV)*n, d]; head h = kv * (H/KV) + r, as repeat_kv
-    scores = torch.matmul(q, k.transpose(-1, -2)).view(b, -1, n, length) * attn.scaling
-    keys = torch.arange(length, device=hidden_states.device)
+    scores = torch.matmul(q, k.transpose(-1, -2)).view(b, heads, n, length) * scaling
+    keys = torch.arange(length, device=query.device)
     allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
     allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return probs if length == full_length else torch.nn.functional.pad(probs, (0, full_length - length))
+    return torch.softmax(scores, dim=-1)
+
+
+@dataclass
+class _LayerCapture:
+    """What one supervised layer left behind in one forward (captured samples only)."""
+
+    cos: torch.Tensor  # [B', Lk, d]
+    sin: torch.Tensor
+    query: torch.Tensor | None = None  # [B', n_c, H, d] pre-RoPE rows (n_c = L when every row is kept)
+    key: torch.Tensor | None = None  # [B', Lk, KV, d] pre-RoPE keys
+    with_grad: bool = True  # autograd was on when the layer ran
 
 
 class AttentionProbe:
-    """Hooks the supervised decoder layers of a Qwen2.5-VL model and recomputes attention rows on demand.
+    """Captures the pre-RoPE q/k of the supervised decoder layers during a forward; attention rows on demand.
 
     Usage::
 
         probe = AttentionProbe(model, layers=[2, 7, 12, 17, 22, 27])
-        with probe.capture():
+        with probe.capture(query_positions):  # Long [B, n], -1 = no row; None keeps every row (costs memory)
             outputs = model(**batch)          # any caller: the model's forward, TRL's fused backbone call, ...
         rows = probe.rows(query_positions, batch["attention_mask"])   # [layers, B, heads, n, L]
 
-    Outside `capture()` the hooks do nothing, so inference and mask-less batches pay nothing.
+    Outside `capture()` the hooks do nothing, so inference and mask-less batches pay nothing. Within one
+    `capture()` block the first forward is the one recorded (TRL's label-smoothing and return-outputs paths run a
+    second, gradient-free forward for metrics).
     """
 
     def __init__(
@@ -151,28 +176,108 @@ class AttentionProbe:
             raise ValueError(f"supervised layers {bad} out of range for a {len(decoder_layers)}-layer model")
         self.checkpoint_recompute = checkpoint_recompute
         self._modules = [decoder_layers[i] for i in self.layers]
-        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for index, module in zip(self.layers, self._modules):
+            if getattr(module.self_attn, "sliding_window", None) is not None:
+                raise NotImplementedError(
+                    f"decoder layer {index} uses sliding-window attention, which the capture does not model"
+                )
+        self._captured: dict[int, _LayerCapture] = {}
         self._active = False
-        self._handles = [
-            module.register_forward_pre_hook(self._make_hook(slot), with_kwargs=True)
-            for slot, module in enumerate(self._modules)
-        ]
+        self._query_positions: torch.Tensor | None = None
+        self._selection: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+        self._batch_size = 0
+        self._full_length = 0
+        self._handles = []
+        for slot, module in enumerate(self._modules):
+            attn = module.self_attn
+            q_module, k_module = pre_rope_modules(attn)
+            self._handles += [
+                attn.register_forward_pre_hook(self._rotary_hook(slot), with_kwargs=True),
+                q_module.register_forward_hook(self._state_hook(slot, attn.head_dim, "query")),
+                k_module.register_forward_hook(self._state_hook(slot, attn.head_dim, "key")),
+            ]
 
-    def _make_hook(self, slot: int):
+    # ---- hooks (run inside the supervised layers' forward; tensor slicing only)
+    def _select(self, batch_size: int, length: int, device: torch.device):
+        """(samples Long [B'], rows Long [B', n] or None for every row, key length) of this capture block."""
+        if self._selection is None:
+            self._batch_size, self._full_length = batch_size, length
+            if self._query_positions is None:
+                self._selection = (torch.arange(batch_size, device=device), None, length)
+            else:
+                positions = self._query_positions.to(device)
+                if positions.shape[0] != batch_size:
+                    raise ValueError(
+                        f"capture(query_positions) has {positions.shape[0]} samples, the forward {batch_size}"
+                    )
+                samples = (positions >= 0).any(-1).nonzero(as_tuple=True)[0]
+                rows = positions[samples]
+                key_length = int(rows.max()) + 1 if rows.numel() else 0
+                if key_length > length:
+                    raise ValueError(f"query position {key_length - 1} beyond the sequence length {length}")
+                self._selection = (samples, rows, key_length)
+        return self._selection
+
+    @staticmethod
+    def _own_saved_tensors():
+        """Save what the hooks' indexing needs for backward plainly, outside any activation-checkpoint frame.
+
+        The hooks run inside the layer's forward, i.e. inside a non-reentrant checkpoint when the model uses one;
+        tensors saved there would count as the layer's, and the recompute in backward (where the hooks are idle)
+        would find a different number of them (`CheckpointError`). The innermost saved-tensor hooks win, so
+        identity hooks keep the hooks' few index tensors out of the checkpoint's bookkeeping.
+        """
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+    def _keep(self, x: torch.Tensor, samples: torch.Tensor, key_length: int) -> torch.Tensor:
+        """`x [B, L, ...]` -> the captured samples' first `key_length` positions (a view when all samples)."""
+        x = x[:, :key_length]
+        return x if samples.numel() == x.shape[0] else x[samples]
+
+    def _rotary_hook(self, slot: int):
         def hook(module, args, kwargs):
-            if not self._active:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            cos, sin = kwargs["position_embeddings"]
-            self._captured[slot] = (hidden, cos, sin)
+            if self._active and slot not in self._captured:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cos, sin = kwargs["position_embeddings"]
+                samples, _, key_length = self._select(hidden.shape[0], hidden.shape[1], hidden.device)
+                with self._own_saved_tensors():
+                    self._captured[slot] = _LayerCapture(
+                        cos=self._keep(cos, samples, key_length), sin=self._keep(sin, samples, key_length)
+                    )
             return None
 
         return hook
 
+    def _state_hook(self, slot: int, head_dim: int, kind: str):
+        """Forward hook keeping the query rows (`kind="query"`) or the keys (`"key"`) of one layer's forward."""
+
+        def hook(module, args, output):
+            record = self._captured.get(slot)
+            if not self._active or record is None or getattr(record, kind) is not None:
+                return None
+            samples, rows, key_length = self._selection
+            states = output.reshape(*output.shape[:2], -1, head_dim)  # [B, L, heads, d]
+            with self._own_saved_tensors():
+                if kind == "key":
+                    kept = self._keep(states, samples, key_length)
+                else:
+                    kept = states if rows is None else states[samples[:, None], rows.clamp(min=0)]
+            setattr(record, kind, kept)
+            record.with_grad = record.with_grad and torch.is_grad_enabled()
+            return None
+
+        return hook
+
+    # ---- capture block
     @contextmanager
-    def capture(self) -> Iterator[AttentionProbe]:
-        """Record the supervised layers' inputs during the forward passes run inside this block."""
-        self._captured.clear()
+    def capture(self, query_positions: torch.Tensor | None = None) -> Iterator[AttentionProbe]:
+        """Record the supervised layers' q/k during the first forward run inside this block.
+
+        query_positions: Long `[B, n]` (-1 = no row): keep only these rows, of the samples that have any, and keys
+        up to the last of them. None keeps every row of every sample (q of all tokens: analysis only).
+        """
+        self.clear()
+        self._query_positions = query_positions
         self._active = True
         try:
             yield self
@@ -182,6 +287,8 @@ class AttentionProbe:
     def clear(self) -> None:
         """Drop the captured tensors (they hold part of the graph)."""
         self._captured.clear()
+        self._selection = None
+        self._query_positions = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -189,17 +296,81 @@ class AttentionProbe:
         self._handles = []
         self.clear()
 
-    def _captured_inputs(self, batch_index: torch.Tensor | None):
-        if len(self._captured) != len(self._modules):
+    # ---- parameter-free work after the forward
+    def _locate(self, query_positions: torch.Tensor, batch_index: torch.Tensor | None):
+        """Map the requested (sample, row) pairs onto the captured ones.
+
+        Returns (captured sample slot Long [Bq], captured row slot Long [Bq, n], valid Bool [Bq, n]).
+        """
+        complete = all(r.key is not None and r.query is not None for r in self._captured.values())
+        if len(self._captured) != len(self._modules) or not complete:
             raise RuntimeError(
-                "no captured layer inputs: run the model forward inside `probe.capture()` first "
-                f"(captured {sorted(self._captured)} of slots 0..{len(self._modules) - 1})"
+                "no captured q/k: run the model forward inside `probe.capture()` first "
+                f"(captured slots {sorted(self._captured)} of 0..{len(self._modules) - 1})"
             )
+        samples, rows, _ = self._selection
+        device = samples.device
+        query_positions = query_positions.to(device)
+        valid = query_positions >= 0
+        if batch_index is None:
+            batch_index = torch.arange(query_positions.shape[0], device=device)
+        batch_index = batch_index.to(device)
+        if ((batch_index < 0) | (batch_index >= self._batch_size)).any():
+            raise IndexError(
+                f"batch_index {batch_index.tolist()} outside the captured batch ({self._batch_size})"
+            )
+        slot_of_sample = torch.full((self._batch_size,), -1, device=device)
+        slot_of_sample[samples] = torch.arange(samples.numel(), device=device)
+        sample_slot = slot_of_sample[batch_index]
+        missing = valid.any(-1) & (sample_slot < 0)
+        if missing.any():
+            raise RuntimeError(
+                f"samples {batch_index[missing].tolist()} have query rows but none were captured: pass the rows "
+                "to `probe.capture(query_positions=...)`"
+            )
+        sample_slot = sample_slot.clamp(min=0)
+        if rows is None:
+            return sample_slot, query_positions.clamp(min=0), valid
+        captured = rows[sample_slot]  # [Bq, n_c]
+        match = (query_positions[..., None] == captured[:, None, :]) & valid[..., None]
+        not_captured = valid & ~match.any(-1)
+        if not_captured.any():
+            b, j = not_captured.nonzero(as_tuple=True)
+            raise RuntimeError(
+                f"query rows {query_positions[b, j].tolist()} (samples {b.tolist()}) were not captured: pass them "
+                "to `probe.capture(query_positions=...)` before the forward"
+            )
+        return sample_slot, match.int().argmax(-1), valid
+
+    def _layer_inputs(
+        self,
+        query_positions: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        batch_index: torch.Tensor | None,
+    ):
+        """Per supervised layer: (decoder layer, q rows, keys, cos, sin, rows, key mask, scaling), then valid."""
+        sample_slot, row_slot, valid = self._locate(query_positions, batch_index)
+        rows = query_positions.to(sample_slot.device).clamp(min=0)
+        all_samples = sample_slot.numel() == self._selection[0].numel() and torch.equal(
+            sample_slot, torch.arange(sample_slot.numel(), device=sample_slot.device)
+        )
+        key_mask = _key_mask(attention_mask, query_positions.shape[0], self._full_length, rows.device)
+        out = []
         for slot, module in enumerate(self._modules):
-            hidden, cos, sin = self._captured[slot]
-            if batch_index is not None and batch_index.numel() < hidden.shape[0]:
-                hidden, cos, sin = hidden[batch_index], cos[batch_index], sin[batch_index]
-            yield module, hidden, cos, sin
+            record = self._captured[slot]
+            if torch.is_grad_enabled() and not record.with_grad:
+                raise RuntimeError(
+                    f"decoder layer {self.layers[slot]} ran without autograd inside `capture()` while the attention "
+                    "loss needs gradients: reentrant activation checkpointing runs the layers under no_grad. Use "
+                    'activation_checkpointing_kwargs={"use_reentrant": false} (or no checkpointing).'
+                )
+            query = record.query[sample_slot[:, None], row_slot]  # [Bq, n, H, d]
+            key, cos, sin = (
+                (t if all_samples else t[sample_slot]) for t in (record.key, record.cos, record.sin)
+            )
+            length = key.shape[1]
+            out.append((module, query, key, cos, sin, rows, key_mask[:, :length], module.self_attn.scaling))
+        return out, valid
 
     def rows(
         self,
@@ -209,14 +380,16 @@ class AttentionProbe:
     ) -> torch.Tensor:
         """Attention probabilities of the given rows over all keys: `[layers, B, heads, n, L]` (float32).
 
-        query_positions: Long `[B, n]`, valid positions; attention_mask: `[B, L]` 2-D padding mask (1 = token) or
-        None; batch_index: optional Long `[B']` to compute for a subset of the captured batch (query_positions
-        and attention_mask then refer to that subset).
+        query_positions: Long `[B, n]` (-1: that row comes back as zeros), rows that were captured;
+        attention_mask: `[B, L]` 2-D padding mask (1 = token) or None; batch_index: optional Long `[B]`, the
+        samples of the captured batch these rows belong to (default: 0..B-1).
         """
+        layers, valid = self._layer_inputs(query_positions, attention_mask, batch_index)
         out = []
-        for module, hidden, cos, sin in self._captured_inputs(batch_index):
-            key_mask = _key_mask(attention_mask, hidden)
-            out.append(attention_rows(module, hidden, cos, sin, query_positions, key_mask))
+        for _, query, key, cos, sin, rows, key_mask, scaling in layers:
+            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling)
+            probs = torch.nn.functional.pad(probs, (0, self._full_length - key.shape[1]))
+            out.append(probs * valid[:, None, :, None])
         return torch.stack(out)
 
     def video_attention(
@@ -229,38 +402,39 @@ class AttentionProbe:
         """Head-mean attention of the given rows on the video tokens: `[layers, B, n, K]` (float32).
 
         query_positions: Long `[B, n]` (padding -1: those rows come back as zeros); video_positions: Long
-        `[B, K]` (padding -1: those columns come back as zeros). When the model uses activation checkpointing,
-        the recompute is wrapped in a non-reentrant checkpoint too, so only the `[B, n, K]` results are kept
-        for backward.
+        `[B, K]` (padding -1: those columns come back as zeros); batch_index as in `rows`. When the model uses
+        activation checkpointing, the softmax runs under a non-reentrant checkpoint, so only the `[B, n, K]`
+        results are kept for backward.
         """
-        q_valid = query_positions >= 0
+        layers, q_valid = self._layer_inputs(query_positions, attention_mask, batch_index)
+        video_positions = video_positions.to(q_valid.device)
         k_valid = video_positions >= 0
-        q_pos = query_positions.clamp(min=0)
         v_pos = video_positions.clamp(min=0)
+        keep = q_valid[:, :, None] & k_valid[:, None, :]
 
-        def per_layer(module, hidden, cos, sin):
-            key_mask = _key_mask(attention_mask, hidden)
-            probs = attention_rows(module, hidden, cos, sin, q_pos, key_mask).mean(1)  # [B, n, L]
-            video = probs.gather(2, v_pos[:, None, :].expand(-1, probs.shape[1], -1))
-            return video * (q_valid[:, :, None] & k_valid[:, None, :])
+        def per_layer(query, key, cos, sin, rows, key_mask, scaling):
+            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling).mean(1)  # [B, n, Lk]
+            # video tokens after the last captured row are causally invisible: probability 0
+            probs = torch.nn.functional.pad(probs, (0, self._full_length - key.shape[1]))
+            return probs.gather(2, v_pos[:, None, :].expand(-1, probs.shape[1], -1)) * keep
 
         out = []
-        for module, hidden, cos, sin in self._captured_inputs(batch_index):
-            # Follow the model: when its layers trade compute for memory, so does the recompute.
+        for module, *inputs in layers:
+            # Follow the model: when its layers trade compute for memory, so does the softmax.
             trade_memory = self.checkpoint_recompute and getattr(module, "gradient_checkpointing", False)
-            if trade_memory and torch.is_grad_enabled() and hidden.requires_grad:
-                out.append(checkpoint(per_layer, module, hidden, cos, sin, use_reentrant=False))
+            if trade_memory and torch.is_grad_enabled() and inputs[0].requires_grad:
+                out.append(checkpoint(per_layer, *inputs, use_reentrant=False))
             else:
-                out.append(per_layer(module, hidden, cos, sin))
+                out.append(per_layer(*inputs))
         return torch.stack(out)
 
 
-def _key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+def _key_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     if attention_mask is None:
-        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [B, L], got shape {tuple(attention_mask.shape)}")
-    return attention_mask.to(device=hidden.device, dtype=torch.bool)
+    return attention_mask.to(device=device, dtype=torch.bool)
 
 
 def attention_maps(
@@ -279,7 +453,7 @@ def attention_maps(
     """
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
     try:
-        with probe.capture():
+        with probe.capture(query_positions):
             model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=1)
         return probe.rows(query_positions, inputs.get("attention_mask"))
     finally:

@@ -1,7 +1,7 @@
 """Qwen2.5-VL whose forward also takes the grounding targets and returns `loss`, `loss_text`, `loss_attn`.
 
-No new parameters and no changed modules: it is the stock class plus an `AttentionProbe` (forward pre-hooks on
-the supervised decoder layers). It loads stock checkpoints and saves plain Qwen2.5-VL checkpoints
+No new parameters and no changed modules: it is the stock class plus an `AttentionProbe` (forward hooks inside
+the supervised decoder layers' attention). It loads stock checkpoints and saves plain Qwen2.5-VL checkpoints
 (`architectures: ["Qwen2_5_VLForConditionalGeneration"]`) that every tool loads with the stock class.
 
 Note: TRL's `SFTTrainer` never calls this forward (it calls the backbone with a fused LM head);
@@ -23,7 +23,7 @@ from transformers.conversion_mapping import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swim.modeling.capture import AttentionProbe
-from swim.modeling.objective import GroundingConfig, grounding_loss, has_queries
+from swim.modeling.objective import GroundingConfig, grounding_loss, has_queries, supervised_rows
 
 STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 
@@ -64,7 +64,7 @@ class SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         if input_ids is None:
             raise ValueError("grounding needs input_ids (video tokens are located by their id)")
         cfg = self.grounding_config
-        with self.probe.capture():
+        with self.probe.capture(supervised_rows(grounding, cfg.query_offset)):
             outputs = super().forward(*args, **kwargs)
         try:
             loss_attn, _ = grounding_loss(

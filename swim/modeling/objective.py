@@ -48,6 +48,36 @@ def has_queries(grounding: dict | None) -> bool:
     return grounding is not None and bool((grounding["query_positions"] >= 0).any())
 
 
+def supervised_rows(grounding: dict, query_offset: int) -> torch.Tensor:
+    """The sequence rows whose attention is supervised: tagged positions + offset, `-1` where there is none.
+
+    grounding["query_positions"]: Long `[B, n]` (-1 padding) -> Long `[B, n]`. Known before the forward, so it is
+    what `AttentionProbe.capture(query_positions=...)` keeps.
+    """
+    positions = grounding["query_positions"]
+    rows = positions + query_offset
+    return torch.where((positions >= 0) & (rows >= 0), rows, -1)
+
+
+def _row_targets(grounding: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(target `[B, n, K]`, groups `[B, K]`, valid pairs Bool `[B, n, G]`) of the given samples' rows."""
+    objects = grounding["query_objects"].clamp(min=0)
+    groups = grounding["video_token_group"]
+    k = groups.shape[1]
+    target = grounding["object_targets"][..., :k].gather(1, objects[..., None].expand(-1, -1, k))
+    num_groups = grounding["object_group_valid"].shape[-1]
+    valid = grounding["object_group_valid"].gather(1, objects[..., None].expand(-1, -1, num_groups))
+    valid = valid & (rows >= 0)[..., None] & (segment_sum(target.float(), groups, num_groups) > 0)
+    return target, groups, valid
+
+
+def supervised_pair_count(grounding: dict | None, query_offset: int) -> int:
+    """Number of supervised (row, temporal group) pairs of a batch: the unit the attention loss averages over."""
+    if grounding is None:
+        return 0
+    return int(_row_targets(grounding, supervised_rows(grounding, query_offset))[2].sum())
+
+
 def grounding_loss(
     probe: AttentionProbe,
     grounding: dict,
@@ -56,34 +86,24 @@ def grounding_loss(
     video_token_id: int,
     config: GroundingConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Attention loss of a batch whose forward ran inside `probe.capture()`.
+    """Attention loss of a batch whose forward ran inside `probe.capture(supervised_rows(grounding, offset))`.
 
     grounding: the collator's dict (docs/batch_contract.md): query_positions / query_objects Long `[B, n]`,
     object_targets `[B, O, K]`, object_group_valid Bool `[B, O, G]`, video_token_group Long `[B, K]`.
-    Only samples with at least one query are recomputed. Returns the loss (0 when there is no valid
-    (row, group) pair) and counts for logging.
+    Only samples with at least one query are computed. Returns the mean over the valid (row, temporal group)
+    pairs (0 when there is none) and `{"attn_pairs": their number}`; mean x pairs is the batch's loss sum.
     """
-    positions = grounding["query_positions"]
-    active = (positions >= 0).any(-1).nonzero(as_tuple=True)[0]
+    rows = supervised_rows(grounding, config.query_offset)
+    active = (grounding["query_positions"] >= 0).any(-1).nonzero(as_tuple=True)[0]
     if active.numel() == 0:
         return input_ids.new_zeros((), dtype=torch.float32), {"attn_pairs": 0.0}
-
-    objects = grounding["query_objects"][active]
-    rows = positions[active] + config.query_offset
-    row_valid = (positions[active] >= 0) & (rows >= 0)
-    rows = torch.where(row_valid, rows, -1)
-
+    subset = {key: value[active] for key, value in grounding.items()}
+    rows = rows[active]
     video_positions = video_token_positions(input_ids[active], video_token_id)
-    groups = grounding["video_token_group"][active]
-    _check_video_tokens(video_positions, groups)
-    k = video_positions.shape[1]
-    groups = groups[:, :k]
-    obj_index = objects.clamp(min=0)
-    target = grounding["object_targets"][active][..., :k].gather(1, obj_index[..., None].expand(-1, -1, k))
-    group_valid = grounding["object_group_valid"][active]
-    num_groups = group_valid.shape[-1]
-    valid = group_valid.gather(1, obj_index[..., None].expand(-1, -1, num_groups))
-    valid = valid & row_valid[..., None] & (segment_sum(target.float(), groups, num_groups) > 0)
+    _check_video_tokens(video_positions, subset["video_token_group"])
+    subset["video_token_group"] = subset["video_token_group"][:, : video_positions.shape[1]]
+    target, groups, valid = _row_targets(subset, rows)
+    num_groups = valid.shape[-1]
 
     mask = attention_mask[active] if attention_mask is not None else None
     attn = probe.video_attention(rows, video_positions, mask, batch_index=active)  # [Λ, B', n, K]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
 from swim.modeling.objective import LAYER_FUSIONS, LOSS_TYPES, GroundingConfig
+from swim.trainer.distributed import prepare_cpu_distributed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -16,8 +20,11 @@ class SwimSFTConfig(SFTConfig):
 
     Defaults that differ from `SFTConfig`: `remove_unused_columns=False` and
     `dataset_kwargs={"skip_prepare_dataset": True}` (our dataset yields model-ready tensors), `max_length=None`
-    (truncating would cut video tokens), and activation checkpointing on with `{"use_reentrant": False}` (either
-    mode trains the grounding loss; non-reentrant is the PyTorch recommendation).
+    (truncating would cut video tokens), and activation checkpointing on with `{"use_reentrant": False}`.
+
+    Reentrant checkpointing runs the layers' forward without autograd, so the attention captured inside it would
+    carry no gradient: with a non-zero `attn_weight` it is rejected here, before any training starts. Multi-process
+    DeepSpeed / FSDP runs without CUDA are set up for gloo here too (`swim.trainer.distributed`).
     """
 
     attn_layers: list[int] | None = field(
@@ -57,7 +64,10 @@ class SwimSFTConfig(SFTConfig):
     )
     activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
         default_factory=lambda: {"use_reentrant": False},
-        metadata={"help": "Checkpointing mode; both reentrant and non-reentrant train the grounding loss."},
+        metadata={
+            "help": 'Checkpointing mode; must be {"use_reentrant": false} when attn_weight != 0 (the attention '
+            "loss takes q/k from inside the checkpointed forward)."
+        },
     )
 
     def grounding_config(self) -> GroundingConfig:
@@ -71,5 +81,33 @@ class SwimSFTConfig(SFTConfig):
         )
 
     def __post_init__(self):
+        prepare_cpu_distributed(self)  # before TrainingArguments sets up its devices
         super().__post_init__()
         self.grounding_config()  # validate early, with the field names in the message
+        self._prefer_fsdp_checkpointing()
+        self._check_checkpointing()
+
+    def _prefer_fsdp_checkpointing(self) -> None:
+        """FSDP's own activation checkpointing (non-reentrant) replaces the Trainer's: both at once is an error."""
+        fsdp_ac = (
+            self.fsdp
+            and str((self.fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true"
+        )
+        if fsdp_ac and self.activation_checkpointing:
+            logger.info(
+                "fsdp_config.activation_checkpointing is on: the Trainer's activation_checkpointing is off"
+            )
+            self.activation_checkpointing = self.gradient_checkpointing = False
+
+    def _check_checkpointing(self) -> None:
+        if self.attn_weight == 0 or not self.activation_checkpointing:
+            return
+        kwargs = self.activation_checkpointing_kwargs
+        if isinstance(kwargs, dict) and kwargs.get("use_reentrant") is not False:
+            mode = "reentrant" if kwargs.get("use_reentrant") else "reentrant (torch's default when unset)"
+            raise ValueError(
+                f"activation_checkpointing_kwargs={kwargs} selects {mode} activation checkpointing, under which the "
+                'attention loss gets no gradient. Set `activation_checkpointing_kwargs: {"use_reentrant": false}` '
+                "in the recipe (or --activation_checkpointing_kwargs '{\"use_reentrant\": false}'), or turn "
+                "`activation_checkpointing` off."
+            )

@@ -2,9 +2,18 @@
 
 TRL 1.16 computes the text loss by calling the backbone with a fused LM head, never the model's own forward
 (platform notes §7), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks the
-supervised decoder layers; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
-`probe.capture()`, and adds `attn_weight · L_attn` computed by the same code as
-`SwimQwen2_5_VLForConditionalGeneration.forward`. `loss_text` and `loss_attn` are logged separately.
+supervised layers' attention; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
+`probe.capture(rows)`, and adds `attn_weight · L_attn` computed by the same code as
+`SwimQwen2_5_VLForConditionalGeneration.forward`.
+
+Distributed training (DDP, DeepSpeed ZeRO-3, FSDP2) with batches that mix samples with and without masks:
+- the capture touches no parameter outside its module's forward, so a rank without masks issues exactly the
+  collectives a supervised rank does (see `swim/modeling/capture.py`);
+- every rank gathers the logged terms on every micro-step, supervised or not;
+- `L_attn` of an optimiser step is the mean over all supervised (row, temporal group) pairs of the global batch
+  (every rank, every accumulation micro-step), the way TRL normalises the token loss with `num_items_in_batch`:
+  the pair count is all-reduced once per step in `get_batch_samples`, each micro-step contributes its pair *sum*
+  divided by that count. So λ does not depend on how a global batch is split over ranks and micro-steps.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from trl import SFTTrainer
 
 from swim.modeling.capture import AttentionProbe
 from swim.modeling.model import freeze_vision_tower
-from swim.modeling.objective import grounding_loss, has_queries
+from swim.modeling.objective import grounding_loss, has_queries, supervised_pair_count, supervised_rows
 from swim.trainer.config import SwimSFTConfig
 
 logger = logging.getLogger(__name__)
@@ -32,38 +41,79 @@ class SwimSFTTrainer(SFTTrainer):
             frozen = freeze_vision_tower(model)
             logger.info("froze the vision tower and merger (%.1f M parameters)", frozen / 1e6)
         super().__init__(model=model, args=args, **kwargs)
+        # Qwen2.5-VL declares `accepts_loss_kwargs = False` (its own loss ignores `num_items_in_batch`), which makes
+        # the Trainer average per-micro-batch token means: the text loss would then depend on how a global batch
+        # is split over ranks and accumulation steps. TRL computes the loss itself (fused LM head) and does honour
+        # `num_items_in_batch`, so ask the Trainer to count the step's tokens over all ranks and micro-batches.
+        self.model_accepts_loss_kwargs = True
         self.grounding = args.grounding_config()
+        # Registered before DeepSpeed/FSDP wrap the model (at `train()`), so the hooks see the raw q/k outputs.
         self.probe = AttentionProbe(self.model, self.grounding.layers)
         self.video_token_id = self.model.config.video_token_id
+        self._step_attn_pairs: torch.Tensor | None = None  # global supervised pairs of the current step
+        self._attn_log = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # [loss sum, pairs] since the last log
         logger.info(
             "grounding loss %s on layers %s (fusion %s, λ=%g, text weight %g, query offset %d)",
             self.grounding.loss_type, self.probe.layers, self.grounding.layer_fusion,
             self.grounding.attn_weight, self.grounding.text_weight, self.grounding.query_offset,
         )  # fmt: skip
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count the supervised (row, group) pairs of the whole step, over all ranks (every rank gathers)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        offset = self.grounding.query_offset
+        local = sum(supervised_pair_count(batch.get("grounding"), offset) for batch in batch_samples)
+        count = torch.tensor([float(local)], device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count)
+        self._step_attn_pairs = count.sum()
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         grounding = inputs.pop("grounding", None)
         cfg = self.grounding
         supervised = has_queries(grounding)
-        with self.probe.capture() if supervised else nullcontext():
+        rows = supervised_rows(grounding, cfg.query_offset) if supervised else None
+        with self.probe.capture(rows) if supervised else nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_text = result[0] if return_outputs else result
-        loss, loss_attn = cfg.text_weight * loss_text, None
+        loss, attn_sum, attn_pairs = cfg.text_weight * loss_text, None, 0.0
         if supervised:
             try:
                 # λ = 0 still measures the loss (for baselines), without building a graph for it.
                 with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.attn_weight != 0):
-                    loss_attn, _ = grounding_loss(self.probe, grounding, inputs["input_ids"],
-                                                  inputs.get("attention_mask"), self.video_token_id, cfg)  # fmt: skip
+                    loss_attn, stats = grounding_loss(self.probe, grounding, inputs["input_ids"],
+                                                      inputs.get("attention_mask"), self.video_token_id, cfg)  # fmt: skip
             finally:
                 self.probe.clear()
-            # Like TRL's MoE aux loss: when the Trainer leaves gradient accumulation to a token-normalised text
-            # loss, the per-micro-batch mean attention loss is averaged over the accumulation steps here.
-            loss_is_scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            steps = self.current_gradient_accumulation_steps if loss_is_scaled_for_ga else 1
-            loss = loss + cfg.attn_weight * loss_attn.to(loss.dtype) / steps
-        self._log_terms(loss_text, loss_attn)
+            attn_pairs = stats["attn_pairs"]
+            attn_sum = loss_attn * attn_pairs
+            if cfg.attn_weight != 0 and attn_pairs > 0:
+                share = attn_sum * self._attn_scale(attn_pairs, num_items_in_batch)
+                loss = loss + cfg.attn_weight * share.to(loss.dtype)
+        self._log_terms(loss_text, attn_sum, attn_pairs, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
+
+    def _attn_scale(self, local_pairs: float, num_items_in_batch) -> float | torch.Tensor:
+        """Factor turning this micro-batch's pair sum into its share of the step's global pair mean.
+
+        Training: 1 / (global pairs of the step), times the data-parallel size (DDP, ZeRO and FSDP average
+        gradients over ranks), times the accumulation steps when the Trainer divides the loss by them. Anywhere
+        else (evaluation, a direct call): the micro-batch's own mean.
+        """
+        if not (self.model.training and self._step_attn_pairs is not None and self._step_attn_pairs > 0):
+            return 1.0 / local_pairs
+        scale = (self.accelerator.num_processes // self.get_tp_size()) / self._step_attn_pairs
+        if not self._loss_scaled_for_ga(num_items_in_batch):
+            scale = scale * self.current_gradient_accumulation_steps
+        return scale
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of `Trainer.training_step`: does the Trainer leave gradient accumulation to the loss?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        token_normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        return token_normalised or self.compute_loss_func is not None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume the weights through `from_pretrained`, which converts Qwen2.5-VL's checkpoint key layout.
@@ -81,9 +131,31 @@ class SwimSFTTrainer(SFTTrainer):
         model.load_state_dict(saved.state_dict(), strict=True)
         logger.info("resumed the weights of %s", resume_from_checkpoint)
 
-    def _log_terms(self, loss_text: torch.Tensor, loss_attn: torch.Tensor | None) -> None:
+    def _log_terms(self, loss_text: torch.Tensor, attn_sum: torch.Tensor | None, attn_pairs: float,
+                   num_items_in_batch) -> None:  # fmt: skip
+        """Gather the loss terms of this micro-step on every rank, whatever its batch holds (same collectives).
+
+        `loss_text`: the micro-step's share of the step's token mean (TRL scales it by the data-parallel size and
+        normalises by the step's tokens), times the number of micro-steps, so that the logged average over a
+        logging window is the step's token mean. `loss_attn`: the pair-weighted mean over every supervised pair
+        of the logging window, all ranks (absent when there was none).
+        """
         mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        metrics["loss_text"].append(self.accelerator.gather_for_metrics(loss_text.detach()).mean().item())
-        if loss_attn is not None:
-            metrics["loss_attn"].append(self.accelerator.gather_for_metrics(loss_attn.detach()).mean().item())
+        text = self.accelerator.gather(loss_text.detach().float()[None]).mean()
+        if num_items_in_batch is not None and mode == "train":
+            text = text * self.current_gradient_accumulation_steps
+        self._metrics[mode]["loss_text"].append(text.item())
+        local = torch.zeros(1, 2, device=loss_text.device)
+        if attn_sum is not None:
+            local[0, 0], local[0, 1] = attn_sum.detach().float(), attn_pairs
+        total = self.accelerator.gather(local).sum(0)
+        self._attn_log[mode][0] += total[0].item()
+        self._attn_log[mode][1] += total[1].item()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        loss_sum, pairs = self._attn_log[mode]
+        if pairs > 0:
+            self._metrics[mode]["loss_attn"] = [loss_sum / pairs]
+        self._attn_log[mode] = [0.0, 0.0]
+        super().log(logs, start_time)

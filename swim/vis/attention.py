@@ -147,7 +147,7 @@ def attention_on_video(
     grid = (t, h // m, w // m)
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
     try:
-        with probe.capture():
+        with probe.capture(rows[None]):
             model(**batch, use_cache=False, logits_to_keep=1)
         video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
         attn = probe.video_attention(rows[None], video_positions, batch.get("attention_mask"))[
