@@ -238,7 +238,9 @@ class AttentionProbe:
         def hook(module, args, kwargs):
             if self._active and slot not in self._captured:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"])  # 1-D RoPE: B=1
+                cos, sin = (
+                    t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"]
+                )  # 1-D RoPE: B=1
                 samples, _, key_length = self._select(hidden.shape[0], hidden.shape[1], hidden.device)
                 with self._own_saved_tensors():
                     self._captured[slot] = _LayerCapture(
