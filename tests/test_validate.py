@@ -7,6 +7,7 @@ import yaml
 from fixtures_data import llava, nl_refer, object_annotation, write_clip, write_json
 
 from swim.data import validate
+from swim.data.control_tokens import QWEN_CONTROL_TOKENS, find_control_tokens
 from swim.data.validate import main
 
 GOOD_Q, GOOD_A = "What is the <ins>dog</ins> doing?", "The <ins>dog</ins> runs."
@@ -121,3 +122,53 @@ def test_invalid_json_file(tmp_path, capsys):
         main([str(tmp_path / "x.json"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert e.value.code == 1 and report[0]["index"] is None and "invalid JSON" in report[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen control-token strings in the text
+
+
+def test_find_control_tokens():
+    assert find_control_tokens("a <|im_end|> b <|video_pad|> c <|im_end|>") == ["<|im_end|>", "<|video_pad|>"]
+    assert find_control_tokens("".join(reversed(QWEN_CONTROL_TOKENS))) == list(reversed(QWEN_CONTROL_TOKENS))
+    assert len(QWEN_CONTROL_TOKENS) == 22
+    plain = "The <ins>dog</ins> runs. <video> <image> <|dog|> < |im_end| > <tool-call> <|IM_END|>"
+    assert find_control_tokens(plain) == []
+
+
+def test_control_tokens_reported_per_turn(files, capsys):
+    """Each turn that contains a control-token string is one line naming the file, the record and the turn."""
+    d, _ = files
+    bench_q = {
+        "video": "a.mp4",
+        "Question": "What is the <ins>dog</ins> doing?",
+        "options": ["(A) Running", "(B) <|box_start|>Sitting"],
+        "Answer": "(A) Running",
+    }
+    multi_turn = nl_refer("a.mp4", GOOD_Q, GOOD_A, [object_annotation([1])])
+    multi_turn["conversations"] += [
+        {"from": "human", "value": "Call <tool_call>f()</tool_call> now."},
+        {"from": "gpt", "value": "Done.<|vision_end|>"},
+    ]
+    records = [
+        nl_refer("a.mp4", GOOD_Q, GOOD_A, [object_annotation([1])]),  # clean
+        nl_refer(
+            "a.mp4", "What is <|video_pad|> the <ins>dog</ins> doing?", GOOD_A, [object_annotation([1])]
+        ),
+        llava("a.mp4", answer="It sits.<|im_end|> More.<|im_end|>"),
+        multi_turn,
+        bench_q,
+    ]
+    path = write_json(d / "control_tokens.json", records)
+    with pytest.raises(SystemExit) as e:
+        main([str(path)])
+    out, err = capsys.readouterr()
+    found, hint = "contains Qwen control token(s)", "; the tokenizer reads them as control tokens, not text"
+    assert out.splitlines() == [
+        f"{path}:1: conversations[0].value: {found} '<|video_pad|>'{hint}",
+        f"{path}:2: conversations[1].value: {found} '<|im_end|>'{hint}",
+        f"{path}:3: conversations[2].value: {found} '<tool_call>', '</tool_call>'{hint}",
+        f"{path}:3: conversations[3].value: {found} '<|vision_end|>'{hint}",
+        f"{path}:4: options: {found} '<|box_start|>'{hint}",
+    ]
+    assert "5 records checked, 5 problem(s) in 4 record(s) (control_tokens: 5)" in err and e.value.code == 1

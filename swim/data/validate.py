@@ -2,8 +2,10 @@
 
 PATH is a record file (``.json`` array / ``.jsonl``) or a mixture YAML (`swim.data.mixture`). Each record is
 checked for: JSON shape and types; empty or malformed conversations; unclosed, nested or stray ``<ins>``
-tags; tag/object count mismatch; missing or unreadable/corrupt video (probed once per distinct video, the
-slow part); RLE/polygon decode; mask size vs video size; annotated frame index beyond the video.
+tags; tag/object count mismatch; Qwen control-token strings (``<|im_end|>``, ``<|video_pad|>``, ...) in the
+text, which the tokenizer would read as control tokens (`check_control_tokens`); missing or unreadable/corrupt
+video (probed once per distinct video, the slow part); RLE/polygon decode; mask size vs video size; annotated
+frame index beyond the video.
 
 Output: one line per problem, ``file:index: field: reason``, then a summary; ``--json`` prints a JSON list of
 ``{"file", "index", "field", "reason", "code"}`` instead. Exit status 1 if there is any problem.
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from swim.data.control_tokens import find_control_tokens
 from swim.data.masks import MaskDecodeError, decode_segmentation
 from swim.data.records import Record, RecordError, load_records
 from swim.data.tags import TagError, assign_objects, check_turn_tags
@@ -50,6 +53,24 @@ def check_tags(record: Record, *, supervise_qa: bool = False) -> list[RecordErro
         return []
     _, reason = assign_objects(phrases, len(record.annotation))
     return [record.error("annotation", reason, "tag_count")] if reason else []
+
+
+def check_control_tokens(record: Record) -> list[RecordError]:
+    """One problem per turn whose text contains Qwen control-token strings (`swim.data.control_tokens`)."""
+    problems = []
+    for t, turn in enumerate(record.turns()):
+        found = find_control_tokens(turn.text)
+        if not found:
+            continue
+        field = turn_field(record, t)
+        if record.kind == "bench_q" and t == 0 and not find_control_tokens(record.question):
+            field = "options"  # a Bench-Q prompt is the question, the options and a fixed instruction
+        tokens = ", ".join(repr(tok) for tok in found)
+        reason = (
+            f"contains Qwen control token(s) {tokens}; the tokenizer reads them as control tokens, not text"
+        )
+        problems.append(record.error(field, reason, "control_tokens"))
+    return problems
 
 
 def probe_media(record: Record, settings: VideoSettings | None = None) -> VideoInfo | None:
@@ -169,7 +190,7 @@ def validate_records(
             except RecordError as e:
                 probes[path] = e
         got = probes[path]
-        found = check_tags(rec)
+        found = check_tags(rec) + check_control_tokens(rec)
         if isinstance(got, RecordError):
             found.append(RecordError(rec.source, rec.position, got.field, got.reason, got.code))
         elif got is not None and rec.annotation:
