@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, help). Two-word commands ("data synth", "eval bench-q") are keyed with a space.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny": ("swim.tiny", "write a tiny random Qwen2.5-VL checkpoint"),
+    "tiny": ("swim.tiny", "write a tiny random checkpoint (--family qwen2_5_vl|qwen2_vl|qwen3_vl|...)"),
     "train": ("swim.train", "SFT with the attention-grounding loss (--config RECIPE.yaml)"),
     "demo": ("swim.demo", "synthetic data + tiny model: baseline vs SWIM grounding report"),
     "data synth": ("swim.data.synth", "write the synthetic shapes dataset"),

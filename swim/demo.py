@@ -98,18 +98,22 @@ def recipe_data_args(recipe: str):
 def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> tuple[dict, tuple]:
     """Grounding metrics and held-out text loss of one trained run; returns (metrics, (model, dataset)).
     The held-out samples are built exactly as the training ones (same video settings and system prompt)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from swim.data.collator import SwimCollator
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
     from swim.eval.grounding import evaluate_grounding
+    from swim.modeling.families import family_of
+    from swim.modeling.model import stock_model_class
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(run_dir).eval()
+    model = stock_model_class(run_dir).from_pretrained(run_dir).eval()
+    family = family_of(model)
     records, _ = load_records(val_json)
-    dataset = SwimDataset(records, data_args.video_settings(), tokenizer, supervise_qa=True, strict=True,
-                          system_prompt=data_args.system_prompt, pair_mode=data_args.pair_mode)  # fmt: skip
+    dataset = SwimDataset(records, data_args.video_settings(family), tokenizer, supervise_qa=True, strict=True,
+                          system_prompt=data_args.system_prompt, pair_mode=data_args.pair_mode,
+                          family=family)  # fmt: skip
     collate = SwimCollator(tokenizer.pad_token_id)
     samples = [dataset[i] for i in range(len(dataset))]
     batches = [collate(samples[i : i + 16]) for i in range(0, len(samples), 16)]
@@ -137,7 +141,7 @@ def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> 
     }, (model, dataset)
 
 
-def colour_only_chance(val_json: Path, data_args, min_cover: float = 0.05) -> float | None:
+def colour_only_chance(val_json: Path, data_args, family, min_cover: float = 0.05) -> float | None:
     """Pointing game of a model that finds the named colour but not the shape: a random token among the cells
     covered by any object of the target's colour (needs the synthetic `scene` metadata)."""
     from swim.data.masks import object_group_targets
@@ -146,7 +150,7 @@ def colour_only_chance(val_json: Path, data_args, min_cover: float = 0.05) -> fl
     records = json.loads(val_json.read_text())
     if not records or "scene" not in records[0]:
         return None
-    settings = data_args.video_settings()
+    settings = data_args.video_settings(family)
     hits, total = 0.0, 0
     for rec in records:
         path = val_json.parent / rec["video"]
@@ -158,7 +162,9 @@ def colour_only_chance(val_json: Path, data_args, min_cover: float = 0.05) -> fl
         maps = {}
         for i, obj in enumerate(rec["scene"]):
             if obj["colour"] == target["colour"]:
-                maps[i] = object_group_targets(obj["annotation"], indices, (info.height, info.width), hw)
+                maps[i] = object_group_targets(
+                    obj["annotation"], indices, (info.height, info.width), hw, merge_factor=settings.factor
+                )
         goal, valid = maps[0]
         same_colour = sum(m >= min_cover for m, _ in maps.values()) > 0  # [G, cells]
         for g in range(len(valid)):
@@ -310,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": {k: results["baseline"][k] for k in ("pointing_game", "mask_mass", "text_loss")},
         "swim": {k: results["swim"][k] for k in ("pointing_game", "mask_mass", "text_loss")},
         "chance": results["swim"]["chance_pointing_game"],
-        "chance_colour_only": colour_only_chance(paths["val"], data_args),
+        "chance_colour_only": colour_only_chance(paths["val"], data_args, handles["swim"][1].family),
         "seconds": time.time() - start,
         "recipe": cfg.recipe,
         "steps": state["global_step"],

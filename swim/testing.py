@@ -1,55 +1,77 @@
-"""Hand-made model batches following docs/batch_contract.md, independent of swim.data (tests, benchmarks)."""
+"""Hand-made model batches following docs/batch_contract.md, independent of swim.data (tests, benchmarks).
+
+The token layout follows the model's family (`swim.modeling.families`): one contiguous run of video tokens per
+video (Qwen2/2.5-VL), or per temporal group a text timestamp and its own vision_start..vision_end block
+(Qwen3-VL, Qwen3.5).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from swim.modeling.families import family_of
+
 IM_START, IM_END, VISION_START, VISION_END, PAD = 1, 2, 9, 10, 0
+TIMESTAMP = (55, 56)  # two ordinary text tokens standing in for "<t seconds>"
 
 
 def video_batch(config, samples, seed: int = 0) -> dict:
     """Right-padded batch. Each sample: dict(videos=[(t, h, w), ...], text=n_text_tokens, queries=[(offset, obj)],
-    objects=n_objects). A query offset counts from the first text token after the last video. Object o's target
-    is a fixed token (a different one per group) so the answer is known; a sample without queries has no masks.
+    objects=n_objects, images=[(h, w), ...]). Images come first, then videos (grids in patches). A query offset
+    counts from the first text token after the last video. Object o's target is a fixed token (a different one
+    per group) so the answer is known; a sample without queries has no masks.
     """
+    family = family_of(config)
     g = torch.Generator().manual_seed(seed)
-    video_id = config.video_token_id
-    rows, pixels, grids = [], [], []
+    video_id, image_id = config.video_token_id, config.image_token_id
+    patch_dim = 3 * family.geometry.temporal_patch_size * family.geometry.patch_size**2
+    m2 = family.geometry.merge_size**2
+    rows, video_pixels, video_grids, image_pixels, image_grids = [], [], [], [], []
     for s in samples:
-        ids = [IM_START, 40, 41, IM_END, IM_START, 42]
+        ids, types = [IM_START, 40, 41, IM_END, IM_START, 42], [0] * 6
+        for h, w in s.get("images", []):
+            ids += [VISION_START] + [image_id] * (h * w // m2) + [VISION_END]
+            types += [0] + [1] * (h * w // m2) + [0]
+            image_pixels.append(torch.randn(h * w, patch_dim, generator=g))
+            image_grids.append([1, h, w])
         for t, h, w in s["videos"]:
-            ids += [VISION_START] + [video_id] * (t * h * w // 4) + [VISION_END]
-            pixels.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g))
-            grids.append([t, h, w])
+            blocks = [(list(TIMESTAMP), h * w // m2)] * t if family.timestamps else [([], t * h * w // m2)]
+            for stamp, n in blocks:
+                ids += stamp + [VISION_START] + [video_id] * n + [VISION_END]
+                types += [0] * (len(stamp) + 1) + [2] * n + [0]
+            video_pixels.append(torch.randn(t * h * w, patch_dim, generator=g))
+            video_grids.append([t, h, w])
         text_start = len(ids)
         ids += [int(x) for x in torch.randint(20, 60, (s["text"],), generator=g)] + [IM_END]
-        rows.append((ids, text_start))
-    length = max(len(ids) for ids, _ in rows)
+        types += [0] * (s["text"] + 1)
+        rows.append((ids, types, text_start))
+    length = max(len(ids) for ids, _, _ in rows)
     b = len(samples)
     input_ids = torch.full((b, length), PAD)
+    mm_token_type_ids = torch.zeros(b, length, dtype=torch.long)
     attention_mask = torch.zeros(b, length, dtype=torch.long)
     labels = torch.full((b, length), -100)
-    for i, (ids, text_start) in enumerate(rows):
+    for i, (ids, types, text_start) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
+        mm_token_type_ids[i, : len(ids)] = torch.tensor(types)
         attention_mask[i, : len(ids)] = 1
         labels[i, text_start : len(ids)] = torch.tensor(ids[text_start:])
-    batch = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        mm_token_type_ids=(input_ids == video_id).long() * 2,
-        pixel_values_videos=torch.cat(pixels),
-        video_grid_thw=torch.tensor(grids),
-        second_per_grid_ts=torch.ones(len(grids)),
-    )
-    batch["grounding"] = grounding_targets(samples, rows)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                 mm_token_type_ids=mm_token_type_ids)  # fmt: skip
+    if video_grids:
+        batch.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids),
+                     second_per_grid_ts=torch.ones(len(video_grids)))  # fmt: skip
+    if image_grids:
+        batch.update(pixel_values=torch.cat(image_pixels), image_grid_thw=torch.tensor(image_grids))
+    batch = family.model_inputs(batch)
+    batch["grounding"] = grounding_targets(samples, [(ids, start) for ids, _, start in rows], m2)
     return batch
 
 
-def grounding_targets(samples, rows) -> dict:
+def grounding_targets(samples, rows, m2: int = 4) -> dict:
     n = max(1, max(len(s.get("queries", [])) for s in samples))
     n_obj = max(1, max(s.get("objects", 0) for s in samples))
-    k = max(sum(t * h * w // 4 for t, h, w in s["videos"]) for s in samples)
+    k = max(sum(t * h * w // m2 for t, h, w in s["videos"]) for s in samples)
     n_groups = max(sum(t for t, _, _ in s["videos"]) for s in samples)
     b = len(samples)
     out = dict(
@@ -62,7 +84,7 @@ def grounding_targets(samples, rows) -> dict:
     for i, (s, (_, text_start)) in enumerate(zip(samples, rows)):
         token, group = 0, 0
         for t, h, w in s["videos"]:
-            per_group = h * w // 4
+            per_group = h * w // m2
             for _ in range(t):
                 out["video_token_group"][i, token : token + per_group] = group
                 for o in range(s.get("objects", 0)):

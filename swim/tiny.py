@@ -1,16 +1,18 @@
-"""Tiny, randomly initialised Qwen2.5-VL checkpoints for tests, the demo and benchmarks.
+"""Tiny, randomly initialised checkpoints of every supported family for tests, the demo and benchmarks.
 
 Nothing can be downloaded here, so we build the whole checkpoint offline: a byte-level BPE tokenizer with
 Qwen's real special tokens (same strings, same order, so the ids are small), Qwen's pre-tokenizer regex and
-the Qwen2-VL chat template; a `Qwen2_5_VLConfig` with GQA, a few text layers and a 2-block vision tower; and
-the image/video processor configs. The result loads offline with the stock classes::
+the family's chat template; a config of the family's stock class with GQA, a few text layers and a 2-block
+vision tower (Qwen3-VL: per-head q/k norms, interleaved M-RoPE, DeepStack; Qwen3-VL-MoE: 4 experts; Qwen3.5:
+gated q, partial rotary, two linear-attention and two softmax layers); and the image/video processor configs.
+The result loads offline with the stock classes and `AutoProcessor`::
 
     from swim.tiny import build_tiny_checkpoint
-    path = build_tiny_checkpoint("/tmp/tiny")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    path = build_tiny_checkpoint("/tmp/tiny", family="qwen3_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path)   # Qwen3VLForConditionalGeneration
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-CLI: ``swim tiny OUT_DIR [--layers 4 --hidden 64 ...]``.
+CLI: ``swim tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe|qwen3_5] [--layers 4 --hidden 64 ...]``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A Qwen3-VL-style chat template (written for these tiny checkpoints): the same rendered layout as Qwen3-VL's
+# Instruct template for text, images and videos (the vision_start/pad/vision_end triplet), and, unlike Qwen2-VL's,
+# no default system turn.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif content['type'] == 'video' or 'video' in content %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
+
 # Words of the synthetic dataset and of common prompts, so that they are single tokens in the tiny vocab.
 _CORPUS_WORDS = (
     "red green blue yellow purple orange white black circle square triangle star diamond cross "
@@ -87,7 +107,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1000):
+def build_tokenizer(vocab_size: int = 1000, chat_template: str = QWEN2_VL_CHAT_TEMPLATE):
     """A byte-level BPE tokenizer with Qwen's special tokens, pre-tokenizer and chat template.
 
     The special tokens get ids 0..13 in Qwen's order; `<|im_end|>` is EOS and `<|endoftext|>` is padding,
@@ -118,7 +138,7 @@ def build_tokenizer(vocab_size: int = 1000):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        chat_template=chat_template,
         padding_side="right",
         model_max_length=32768,
     )
@@ -127,6 +147,7 @@ def build_tokenizer(vocab_size: int = 1000):
 def tiny_config_dict(
     vocab_size: int,
     *,
+    family: str = "qwen2_5_vl",
     num_hidden_layers: int = 4,
     hidden_size: int = 64,
     intermediate_size: int = 128,
@@ -136,44 +157,79 @@ def tiny_config_dict(
     vision_hidden_size: int = 32,
     tie_word_embeddings: bool = True,
 ) -> dict[str, Any]:
-    """Keyword arguments of a tiny `Qwen2_5_VLConfig` (GQA text model, 2-block windowed vision tower)."""
-    head_dim = hidden_size // num_attention_heads
-    half = head_dim // 2
-    # Qwen's 7B split is [16, 24, 24] of 64: keep the same 2:3:3 proportions.
-    t = max(1, round(half * 2 / 8))
-    h = (half - t) // 2
-    mrope_section = [t, h, half - t - h]
+    """Keyword arguments of a tiny config of `family`'s stock class (GQA text model, 2-block vision tower)."""
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILY_NAMES)}")
     special = {name: i for i, name in enumerate(QWEN_SPECIAL_TOKENS)}
+    head_dim = (
+        hidden_size // num_attention_heads if family != "qwen3_5" else 2 * hidden_size // num_attention_heads
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=vision_depth,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # Qwen's 7B split is [16, 24, 24] of 64 (chunked T/H/W frequency blocks): keep the 2:3:3 proportions.
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": _mrope(head_dim, 2),
+        }
+        vision.update(patch_size=14, in_chans=3)
+        if family == "qwen2_vl":
+            vision.update(embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=2)
+            del vision["out_hidden_size"]
+        else:
+            vision.update(
+                hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, window_size=112,
+                fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2,
+            )  # fmt: skip
+    else:
+        # Qwen3 families: per-head q/k norms, interleaved M-RoPE ([24, 20, 20] of 64 in the 8B model), patch 16.
+        text["head_dim"] = head_dim
+        rotary = head_dim if family != "qwen3_5" else head_dim // 4
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 5e5,
+            "mrope_section": _mrope(rotary, 3),
+        }
+        vision.update(
+            patch_size=16, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+            num_position_embeddings=64, in_channels=3,
+        )  # fmt: skip
+        if family in ("qwen3_vl", "qwen3_vl_moe"):
+            vision["deepstack_visual_indexes"] = list(range(min(vision_depth, num_hidden_layers)))
+        if family == "qwen3_vl_moe":
+            text.update(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2,
+                        decoder_sparse_step=1)  # fmt: skip
+        if family == "qwen3_5":
+            # hybrid: every other layer is Gated DeltaNet (linear attention), the rest gated softmax attention
+            text["rope_parameters"]["partial_rotary_factor"] = 0.25
+            text.update(
+                layer_types=["linear_attention", "full_attention"] * (num_hidden_layers // 2),
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4,
+            )  # fmt: skip
     return dict(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-            tie_word_embeddings=tie_word_embeddings,
-            bos_token_id=special["<|endoftext|>"],
-            eos_token_id=special["<|im_end|>"],
-            pad_token_id=special["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
-            num_heads=2,
-            out_hidden_size=hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[vision_depth - 1],
-            tokens_per_second=2,
-            in_chans=3,
-        ),
+        text_config=text,
+        vision_config=vision,
         image_token_id=special["<|image_pad|>"],
         video_token_id=special["<|video_pad|>"],
         vision_start_token_id=special["<|vision_start|>"],
@@ -182,48 +238,54 @@ def tiny_config_dict(
     )
 
 
-def processor_configs(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64) -> dict[str, dict]:
-    """Image and video processor configs in the layout of Qwen2.5-VL checkpoints (small pixel budgets)."""
-    common = dict(
-        do_convert_rgb=True,
-        do_normalize=True,
-        do_rescale=True,
-        do_resize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        merge_size=2,
-        patch_size=14,
-        temporal_patch_size=2,
-        resample=3,
-        rescale_factor=1 / 255,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    )
-    return {
-        "preprocessor_config.json": dict(
-            common, image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor"
-        ),
-        "video_preprocessor_config.json": dict(
-            common, video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2_5_VLProcessor"
-        ),
-    }
+def _mrope(rotary_dim: int, style: int) -> list[int]:
+    """M-RoPE sections (T, H, W) summing to `rotary_dim / 2`: 2:3:3 (Qwen2.5-VL, style 2) or 3:2.5:2.5 (Qwen3)."""
+    half = rotary_dim // 2
+    t = max(1, round(half * (2 / 8 if style == 2 else 24 / 64)))
+    h = (half - t) // 2
+    return [t, h, half - t - h]
 
 
-def build_tiny_model(tokenizer=None, seed: int = 0, **overrides):
-    """A randomly initialised tiny `Qwen2_5_VLForConditionalGeneration` (fp32, eval mode off)."""
+def tiny_config(vocab_size: int, family: str = "qwen2_5_vl", **overrides):
+    """A tiny config object of `family`'s stock class."""
+    import transformers
+
+    from swim.modeling.families import family_of
+
+    model_type = family
+    spec = family_of(model_type)
+    class_name = spec.stock_classes[model_type].replace("ForConditionalGeneration", "Config")
+    return getattr(transformers, class_name)(**tiny_config_dict(vocab_size, family=family, **overrides))
+
+
+def processor_configs(
+    family: str = "qwen2_5_vl", min_pixels: int | None = None, max_pixels: int | None = None
+):
+    """Image and video processor configs in the layout of the family's checkpoints (small pixel budgets)."""
+    from swim.modeling.families import family_of
+
+    spec = family_of(family)
+    factor = spec.geometry.factor
+    return spec.processor_configs(min_pixels or (2 * factor) ** 2, max_pixels or factor * factor * 64)
+
+
+def build_tiny_model(tokenizer=None, seed: int = 0, family: str = "qwen2_5_vl", **overrides):
+    """A randomly initialised tiny model of `family`'s stock class (fp32)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from swim.modeling.families import family_of
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     vocab = overrides.pop("vocab_size", None) or _round_up(len(tokenizer), 64)
-    config = Qwen2_5_VLConfig(**tiny_config_dict(vocab, **overrides))
+    config = tiny_config(vocab, family, **overrides)
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    return family_of(config).stock_class(config)(config)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny random Qwen2.5-VL checkpoint with tokenizer and processor files to `out_dir`.
+def build_tiny_checkpoint(
+    out_dir: str | Path, seed: int = 0, family: str = "qwen2_5_vl", **overrides
+) -> Path:
+    """Write a tiny random checkpoint of `family` with tokenizer and processor files to `out_dir`.
 
     `overrides` go to `tiny_config_dict` (for example ``num_hidden_layers=8, hidden_size=128``). Returns the
     directory. Loadable offline by the stock `from_pretrained` of the model, tokenizer and (where
@@ -231,15 +293,19 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Pa
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed=seed, **overrides)
+    template = QWEN2_VL_CHAT_TEMPLATE if family in ("qwen2_vl", "qwen2_5_vl") else QWEN3_VL_CHAT_TEMPLATE
+    tokenizer = build_tokenizer(chat_template=template)
+    model = build_tiny_model(tokenizer, seed=seed, family=family, **overrides)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
-    for name, cfg in processor_configs().items():
+    (out / "chat_template.jinja").write_text(template)
+    for name, cfg in processor_configs(family).items():
         (out / name).write_text(json.dumps(cfg, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("wrote tiny Qwen2.5-VL (%.2f M params, vocab %d) to %s", n_params / 1e6, len(tokenizer), out)
+    logger.info(
+        "wrote tiny %s (%s, %.2f M params, vocab %d) to %s", family, type(model).__name__, n_params / 1e6,
+        len(tokenizer), out,
+    )  # fmt: skip
     return out
 
 
@@ -251,11 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="swim tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILY_NAMES)
     parser.add_argument("--layers", dest="num_hidden_layers", type=int, default=4)
     parser.add_argument("--hidden", dest="hidden_size", type=int, default=64)
     parser.add_argument("--intermediate", dest="intermediate_size", type=int, default=128)
     parser.add_argument("--heads", dest="num_attention_heads", type=int, default=4)
     parser.add_argument("--kv-heads", dest="num_key_value_heads", type=int, default=2)
     args = vars(parser.parse_args(argv))
-    out = build_tiny_checkpoint(args.pop("out_dir"), seed=args.pop("seed"), **args)
+    out = build_tiny_checkpoint(args.pop("out_dir"), seed=args.pop("seed"), family=args.pop("family"), **args)
     logger.info("done: %s", out)

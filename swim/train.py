@@ -1,10 +1,12 @@
-"""SWIM supervised fine-tuning of Qwen2.5-VL: next-token loss + attention grounding on `<ins>` words.
+"""SWIM supervised fine-tuning of a Qwen VL model: next-token loss + attention grounding on `<ins>` words.
 
     swim train --config recipes/demo_cpu.yaml [--attn_weight 0 --output_dir runs/x ...]
     python -m swim.train --config recipes/swim_7b.yaml           # under torchrun / accelerate on a cluster
 
-Every setting lives in the recipe (YAML) and can be overridden on the command line (TrlParser). The resolved
-configuration is written to `<output_dir>/swim_config.yaml`; checkpoints are plain Qwen2.5-VL.
+Every setting lives in the recipe (YAML) and can be overridden on the command line (TrlParser). The model's
+family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense/MoE, Qwen3.5; `swim.modeling.families`) is read from its config
+and sets the class, the vision geometry, the token layout and the default pixel budgets. The resolved
+configuration is written to `<output_dir>/swim_config.yaml`; checkpoints are plain checkpoints of the stock class.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import is_flash_attn_2_available
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -28,7 +30,8 @@ from swim.data.mixture import load_mixture
 from swim.data.records import load_records
 from swim.data.tags import SWIM_SYSTEM_PROMPT
 from swim.data.video import VideoSettings
-from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
+from swim.modeling.families import FamilySpec, family_of
+from swim.modeling.model import swim_model_class
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
 from swim.trainer.distributed import describe_parallelism
 
@@ -51,10 +54,17 @@ class DataArguments:
         default=None, metadata={"help": "Sample by fps instead of a fixed count."}
     )
     max_frames: int = field(default=32, metadata={"help": "Hard cap on frames (annotated frames included)."})
-    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "Per-frame minimum pixels."})
-    max_pixels: int = field(default=768 * 28 * 28, metadata={"help": "Per-frame maximum pixels."})
-    total_pixels: int = field(
-        default=int(128000 * 28 * 28 * 0.9), metadata={"help": "Whole-video pixel budget."}
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Per-frame minimum pixels (default: the family's, 128 merged tokens)."},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Per-frame maximum pixels (default: the family's, 768 merged tokens)."},
+    )
+    total_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Whole-video pixel budget (default: the family's, 115200 merged tokens)."},
     )
     pair_mode: str = field(
         default="union", metadata={"help": "Mask of a temporal group: union | mean of its frames."}
@@ -71,10 +81,11 @@ class DataArguments:
         default=False, metadata={"help": "Keep decoded samples in memory (small sets)."}
     )
 
-    def video_settings(self) -> VideoSettings:
-        return VideoSettings(num_frames=self.num_frames, sample_fps=self.sample_fps, max_frames=self.max_frames,
-                             min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                             total_pixels=self.total_pixels)  # fmt: skip
+    def video_settings(self, family: FamilySpec) -> VideoSettings:
+        """The family's preset (geometry, qwen-vl-utils budgets) with the values set here."""
+        return family.video_settings(num_frames=self.num_frames, sample_fps=self.sample_fps,
+                                     max_frames=self.max_frames, min_pixels=self.min_pixels,
+                                     max_pixels=self.max_pixels, total_pixels=self.total_pixels)  # fmt: skip
 
 
 class IndexCollator:
@@ -145,19 +156,21 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     save_resolved_config(training_args.output_dir, data_args, training_args, model_args)
 
     # ---- data
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     records = load_data(data_args, training_args.seed)
     dataset = SwimDataset(
-        records, data_args.video_settings(), tokenizer, strict=data_args.strict_data,
+        records, data_args.video_settings(family), tokenizer, strict=data_args.strict_data,
         system_prompt=data_args.system_prompt, supervise_qa=data_args.supervise_qa,
-        pair_mode=data_args.pair_mode, max_length=data_args.max_sample_length,
+        pair_mode=data_args.pair_mode, max_length=data_args.max_sample_length, family=family,
     )  # fmt: skip
     collator = IndexCollator(dataset, SwimCollator(tokenizer.pad_token_id), cache=data_args.cache_samples)
     train_dataset = Dataset.from_dict({"index": list(range(len(dataset)))})
 
     # ---- model
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = SwimQwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = swim_model_class(config).from_pretrained(
         model_args.model_name_or_path, dtype=dtype,
         attn_implementation=resolve_attn_implementation(model_args.attn_implementation),
     )  # fmt: skip

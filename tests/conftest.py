@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from swim.tiny import build_tiny_checkpoint
+from swim.tiny import FAMILY_NAMES, build_tiny_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,7 +16,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny random Qwen2.5-VL checkpoint (4 text layers, GQA 4/2 heads, 2 vision blocks)."""
+def tiny_checkpoints(tmp_path_factory):
+    """`get(family)`: a tiny random checkpoint of that family, built once per session."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny_{family}"), family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_checkpoints):
+    """A tiny random Qwen2.5-VL checkpoint (4 text layers, GQA 4/2 heads, 2 vision blocks)."""
+    return tiny_checkpoints("qwen2_5_vl")
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_ckpt(request, tiny_checkpoints):
+    """A tiny checkpoint of each supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5)."""
+    return tiny_checkpoints(request.param)

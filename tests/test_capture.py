@@ -1,8 +1,8 @@
-"""Attention capture: equality with eager attention, gradients under checkpointing, cost and scope."""
+"""Attention capture, for every supported family: equality with eager attention, gradients under checkpointing,
+cost and scope."""
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.utils import is_flash_attn_2_available
 
 from swim.modeling import attention_maps
@@ -10,8 +10,11 @@ from swim.modeling.capture import (
     AttentionProbe,
     default_supervised_layers,
     find_decoder_layers,
+    supervised_layers,
     video_token_positions,
 )
+from swim.modeling.families import family_of
+from swim.modeling.model import stock_model_class
 from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_pair_count, supervised_rows
 from swim.testing import video_batch
 
@@ -20,20 +23,32 @@ SAMPLES = [
     dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),
     dict(videos=[(2, 4, 8), (2, 4, 4)], text=9, queries=[(2, 0)], objects=1),
 ]
+# An image before the video (Qwen3-VL's DeepStack adds vision features to image and video positions alike).
+WITH_IMAGE = [
+    dict(images=[(4, 4)], videos=[(2, 4, 4)], text=6, queries=[(1, 0)], objects=1),
+    dict(videos=[(2, 4, 8)], text=9, queries=[(2, 0)], objects=1),
+]
 
 
 def load(ckpt, impl="sdpa"):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, attn_implementation=impl)
+    return stock_model_class(ckpt).from_pretrained(ckpt, attn_implementation=impl)
 
 
 def model_inputs(batch):
     return {k: v for k, v in batch.items() if k not in ("grounding", "labels")}
 
 
-def eager_rows(ckpt, inputs, layers, query_positions):
-    model = load(ckpt, "eager").eval()
+def eager_attentions(model, inputs) -> dict:
+    """Eager `output_attentions` keyed by layer index (a hybrid model returns its softmax layers only)."""
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions
+    layers = list(find_decoder_layers(model))
+    assert len(attentions) == len(layers)
+    return dict(zip(layers, attentions))
+
+
+def eager_rows(ckpt, inputs, layers, query_positions):
+    attentions = eager_attentions(load(ckpt, "eager").eval(), inputs)
     out = []
     for layer in layers:
         a = attentions[layer]  # [B, H, L, L]
@@ -41,52 +56,66 @@ def eager_rows(ckpt, inputs, layers, query_positions):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("samples", [SAMPLES, WITH_IMAGE], ids=["two_videos", "image_and_video"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_attention_maps_equal_eager_output_attentions(tiny_ckpt, impl):
-    model = load(tiny_ckpt, impl).eval()
-    batch = video_batch(model.config, SAMPLES)
+def test_attention_maps_equal_eager_output_attentions(family_ckpt, impl, samples):
+    model = load(family_ckpt, impl).eval()
+    batch = video_batch(model.config, samples)
     inputs = model_inputs(batch)
-    assert inputs["attention_mask"][0].sum() < inputs["attention_mask"].shape[1], "sample 0 must be padded"
-    # rows: answer tokens, a row right after a video, and the last real token of each sample
+    assert inputs["attention_mask"][0].sum() != inputs["attention_mask"][1].sum(), "one sample must be padded"
+    # rows: tokens inside and right after the vision tokens, and the last real token of each sample
     lengths = inputs["attention_mask"].sum(1)
     query_positions = torch.stack([torch.tensor([15, 20, int(n) - 1]) for n in lengths])
-    layers = [0, 1, 3]
+    layers = list(find_decoder_layers(model))
     with torch.no_grad():
         ours = attention_maps(model, inputs, layers, query_positions)
-    reference = eager_rows(tiny_ckpt, inputs, layers, query_positions)
-    assert ours.shape == (3, 2, model.config.text_config.num_attention_heads, 3, inputs["input_ids"].shape[1])
+    reference = eager_rows(family_ckpt, inputs, layers, query_positions)
+    heads = model.config.text_config.num_attention_heads
+    assert ours.shape == (len(layers), 2, heads, 3, inputs["input_ids"].shape[1])
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.sum(-1), torch.ones_like(ours.sum(-1)), atol=1e-5, rtol=0)
-    # causal: nothing after the row; padding: nothing on sample 0's pad tokens
+    # causal: nothing after the row; padding: nothing on the shorter sample's pad tokens
     keys = torch.arange(ours.shape[-1])
     after = keys[None, None, :] > query_positions[:, :, None]  # [B, n, L]
     assert ours.masked_select(after[None, :, None]).abs().max() == 0
-    assert ours[:, 0, ..., int(lengths[0]) :].abs().max() == 0
+    short = int(lengths.argmin())
+    assert ours[:, short, ..., int(lengths[short]) :].abs().max() == 0
 
 
-def test_capture_leaves_main_forward_unchanged(tiny_ckpt):
-    model = load(tiny_ckpt).eval()
+def test_sliding_window_layers_equal_eager(tiny_checkpoints, tmp_path):
+    """A Qwen2.5-VL text model with sliding-window attention on its upper layers (window 8)."""
+    model = load(tiny_checkpoints("qwen2_5_vl"), "eager")
+    config = model.config
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 8
+    config.text_config.max_window_layers = 2
+    config.text_config.layer_types = ["full_attention"] * 2 + ["sliding_attention"] * 2
+    model = type(model)(config).eval()
+    model.save_pretrained(tmp_path)
+    assert [find_decoder_layers(model)[i].self_attn.sliding_window for i in (1, 2)] == [None, 8]
+    inputs = model_inputs(video_batch(config, SAMPLES))
+    lengths = inputs["attention_mask"].sum(1)
+    query_positions = torch.stack([torch.tensor([15, int(n) - 1]) for n in lengths])
+    with torch.no_grad():
+        ours = attention_maps(model, inputs, [1, 2, 3], query_positions)
+    reference = eager_rows(tmp_path, inputs, [1, 2, 3], query_positions)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    for b, n in enumerate(
+        lengths.tolist()
+    ):  # the last row sees only its 8 latest keys in the windowed layers
+        assert ours[1:, b, :, 1, : n - 8].abs().max() == 0 and ours[0, b, :, 1, : n - 8].min() > 0
+
+
+def test_capture_leaves_main_forward_unchanged(family_ckpt):
+    model = load(family_ckpt).eval()
     inputs = model_inputs(video_batch(model.config, SAMPLES))
     with torch.no_grad():
         plain = model(**inputs).logits
-        probe = AttentionProbe(model, [1, 2])
+        probe = AttentionProbe(model)
         with probe.capture():
             captured = model(**inputs).logits
         probe.remove()
     assert torch.equal(plain, captured)
-
-
-def _flash_attention_2_model(ckpt):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        ckpt, attn_implementation="flash_attention_2", dtype=torch.bfloat16
-    ).cuda()
-
-
-def _on_cuda(inputs):
-    inputs = {k: v.cuda() for k, v in inputs.items()}
-    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].bfloat16()
-    return inputs
 
 
 @pytest.mark.gpu
@@ -112,7 +141,7 @@ def test_default_supervised_layers():
 def test_probe_hooks_only_the_supervised_attention_of_text_decoder_layers(tiny_ckpt):
     model = load(tiny_ckpt)
     layers = find_decoder_layers(model)
-    assert len(layers) == model.config.text_config.num_hidden_layers
+    assert list(layers) == list(range(model.config.text_config.num_hidden_layers))
     probe = AttentionProbe(model, [1, 3])
     pre = [name for name, m in model.named_modules() if m._forward_pre_hooks]
     post = [name for name, m in model.named_modules() if m._forward_hooks]
@@ -121,8 +150,34 @@ def test_probe_hooks_only_the_supervised_attention_of_text_decoder_layers(tiny_c
     assert post == [f"{prefix}.{i}.self_attn.{p}" for i in (1, 3) for p in ("q_proj", "k_proj")]
     probe.remove()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="not softmax-attention decoder layers"):
         AttentionProbe(model, [4])
+
+
+def test_each_family_is_captured_before_rope_at_its_own_modules(family_ckpt):
+    model = load(family_ckpt)
+    family = family_of(model)
+    layers = supervised_layers(model)
+    probe = AttentionProbe(model)
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks]
+    assert {name.rsplit(".", 1)[-1] for name in hooked} == (
+        {"q_norm", "k_norm"} if family.qk_norm else {"q_proj", "k_proj"}
+    )
+    assert sorted({int(name.split(".layers.")[1].split(".")[0]) for name in hooked}) == layers == probe.layers
+    if family.hybrid:  # Qwen3.5: only the softmax-attention layers exist for the probe, by their own index
+        assert layers == [1, 3] and list(find_decoder_layers(model)) == [1, 3]
+        with pytest.raises(ValueError, match=r"\[0\] are not softmax-attention decoder layers .* \[1, 3\]"):
+            AttentionProbe(model, [0])
+    probe.remove()
+
+
+def test_unsupported_models_are_refused_by_name():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    with pytest.raises(ValueError, match="unsupported model type 'llama'.*qwen2_5_vl.*qwen3_vl"):
+        AttentionProbe(model)
 
 
 def test_nothing_captured_outside_capture_block(tiny_ckpt):
@@ -147,10 +202,10 @@ def _grounded_batch(model, samples=SAMPLES):
     return batch, grounding
 
 
-def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES, config=None):
+def _supervised_grads(ckpt, mode, layers=(1, 3), samples=SAMPLES, config=None):
     """Gradients of the attention loss through the real path: one forward inside `capture(rows)`, then the loss."""
     torch.manual_seed(0)
-    model = load(tiny_ckpt).train()
+    model = load(ckpt).train()
     if mode != "none":
         model.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
     batch, grounding = _grounded_batch(model, samples)
@@ -167,12 +222,13 @@ def _supervised_grads(tiny_ckpt, mode, layers=(1, 3), samples=SAMPLES, config=No
 
 
 def _qk_grads(model):
-    decoder = find_decoder_layers(model)
-    return {
-        (i, name): getattr(decoder[i].self_attn, name).weight.grad
-        for i in range(len(decoder))
-        for name in ("q_proj", "k_proj")
-    }
+    """Gradients of the attention parameters that shape q and k, per (layer index, module)."""
+    out = {}
+    for i, layer in find_decoder_layers(model).items():
+        for name in ("q_proj", "k_proj", "q_norm", "k_norm"):
+            if hasattr(layer.self_attn, name):
+                out[(i, name)] = getattr(layer.self_attn, name).weight.grad
+    return out
 
 
 class _EagerProbe:
@@ -191,19 +247,7 @@ class _EagerProbe:
         return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("loss_type", ["kl", "swim_parity"])
-def test_attention_loss_gradients_equal_eager_attention_gradients(tiny_ckpt, loss_type):
-    """The loss and its q_proj/k_proj gradients equal those of the same loss on eager `output_attentions`."""
-    config = GroundingConfig(layers=[1, 3], loss_type=loss_type, query_offset=-1 if loss_type != "kl" else 0)
-    ours, loss = _supervised_grads(tiny_ckpt, "none", config=config)
-    model = load(tiny_ckpt, "eager").train()
-    batch, grounding = _grounded_batch(model)
-    attentions = model(**batch, output_attentions=True).attentions
-    reference_loss, _ = grounding_loss(_EagerProbe(attentions, [1, 3]), grounding, batch["input_ids"],
-                                       batch["attention_mask"], model.config.video_token_id, config)  # fmt: skip
-    reference_loss.backward()
-    torch.testing.assert_close(loss, reference_loss.detach(), atol=1e-6, rtol=1e-5)
-    reference = _qk_grads(model)
+def _assert_grads_close(ours, reference):
     for key, g in ours.items():
         if reference[key] is None or reference[key].abs().max() == 0:
             assert g is None or g.abs().max() == 0, key
@@ -213,18 +257,49 @@ def test_attention_loss_gradients_equal_eager_attention_gradients(tiny_ckpt, los
             )
 
 
+def _eager_reference(ckpt, config, samples=SAMPLES):
+    """The same loss on eager `output_attentions` of the same model and batch, and its gradients."""
+    model = load(ckpt, "eager").train()
+    batch, grounding = _grounded_batch(model, samples)
+    outputs = model(**batch, output_attentions=True)
+    attentions = dict(zip(find_decoder_layers(model), outputs.attentions))
+    loss, _ = grounding_loss(_EagerProbe(attentions, config.layers), grounding, batch["input_ids"],
+                             batch["attention_mask"], model.config.video_token_id, config)  # fmt: skip
+    loss.backward()
+    return _qk_grads(model), loss.detach()
+
+
+def test_attention_loss_gradients_equal_eager_attention_gradients(family_ckpt):
+    """The loss and its q/k gradients (projections, and the per-head norms of Qwen3) equal those of the same
+    loss on eager `output_attentions`, for every family."""
+    config = GroundingConfig(layers=[1, 3])
+    ours, loss = _supervised_grads(family_ckpt, "none", config=config)
+    reference, reference_loss = _eager_reference(family_ckpt, config)
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
+    _assert_grads_close(ours, reference)
+
+
+def test_official_formula_gradients_equal_eager_attention_gradients(tiny_ckpt):
+    config = GroundingConfig(layers=[1, 3], loss_type="swim_parity", query_offset=-1)
+    ours, loss = _supervised_grads(tiny_ckpt, "none", config=config)
+    reference, reference_loss = _eager_reference(tiny_ckpt, config)
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
+    _assert_grads_close(ours, reference)
+
+
 MIXED = [dict(videos=[(2, 4, 8)], text=4), SAMPLES[0]]  # the first sample has no masks: a subset is captured
 
 
 @pytest.mark.parametrize("samples", [SAMPLES, MIXED], ids=["all_supervised", "mixed"])
 @pytest.mark.parametrize("mode", ["none", "non_reentrant"])
-def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(tiny_ckpt, mode, samples):
-    grads, _ = _supervised_grads(tiny_ckpt, mode, samples=samples)
+def test_attention_loss_reaches_q_and_k_of_every_supervised_layer(family_ckpt, mode, samples):
+    grads, _ = _supervised_grads(family_ckpt, mode, samples=samples)
+    qk_norm = family_of(family_ckpt).qk_norm
     for layer in (1, 3):
-        for name in ("q_proj", "k_proj"):
+        for name in ("q_proj", "k_proj") + (("q_norm", "k_norm") if qk_norm else ()):
             g = grads[(layer, name)]
             assert g is not None and g.abs().sum() > 0, f"no gradient at layer {layer} {name} ({mode})"
-    reference, _ = _supervised_grads(tiny_ckpt, "none", samples=samples)
+    reference, _ = _supervised_grads(family_ckpt, "none", samples=samples)
     for key, g in grads.items():
         if reference[key] is None:
             assert g is None
@@ -237,9 +312,9 @@ def test_reentrant_checkpointing_fails_loudly(tiny_ckpt):
         _supervised_grads(tiny_ckpt, "reentrant")
 
 
-def test_no_module_with_parameters_runs_after_the_forward(tiny_ckpt):
+def test_no_module_with_parameters_runs_after_the_forward(family_ckpt):
     """ZeRO-3 gathers and FSDP reshards weights around a module's own forward: the loss must call no module."""
-    model = load(tiny_ckpt).train()
+    model = load(family_ckpt).train()
     batch, grounding = _grounded_batch(model)
     config = GroundingConfig(layers=[1, 3])
     probe = AttentionProbe(model, config.layers)
@@ -291,6 +366,20 @@ def test_first_forward_in_a_capture_block_is_kept(tiny_ckpt):
         with torch.no_grad():
             model(**batch)
     assert probe._captured[0].query.requires_grad
+
+
+def _flash_attention_2_model(ckpt):
+    return (
+        stock_model_class(ckpt)
+        .from_pretrained(ckpt, attn_implementation="flash_attention_2", dtype=torch.bfloat16)
+        .cuda()
+    )
+
+
+def _on_cuda(inputs):
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].bfloat16()
+    return inputs
 
 
 @pytest.mark.gpu

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from swim.data.synth import SynthConfig, generate
+from swim.modeling.model import stock_model_class
 from swim.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def assert_same_logs(run, reference):
 
 def stock_weights(path) -> dict[str, torch.Tensor]:
     """The checkpoint as the stock class loads it; it must load with no missing or unexpected keys."""
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    model, info = stock_model_class(path).from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return {k: v.float() for k, v in model.state_dict().items()}
 
@@ -196,3 +196,14 @@ def test_one_step_does_not_depend_on_the_batch_layout(tiny_ckpt, mixed, start, t
     train_main(swim_args(tiny_ckpt, mixed, tmp_path / "text_only", 1, "--per_device_train_batch_size", "2",
                          "--attn_weight", "0"))  # fmt: skip
     assert relative_difference(stock_weights(tmp_path / "text_only"), reference, start) > 1e-3
+
+
+def test_zero3_with_mixed_batches_on_qwen3_vl(tiny_checkpoints, mixed, tmp_path):
+    """The same check for another family: Qwen3-VL (per-head q/k norms, timestamped video blocks, DeepStack)."""
+    ckpt = tiny_checkpoints("qwen3_vl")
+    train_main(swim_args(ckpt, mixed, tmp_path / "reference", 3, "--gradient_accumulation_steps", "2"))
+    output = torchrun(swim_args(ckpt, mixed, tmp_path / "z3", 3, "--deepspeed", str(ZERO3)))
+    assert "ZeRO stage 3 over 2 processes" in output
+    start = stock_weights(ckpt)
+    assert all(attn is not None for *_, attn in logged(tmp_path / "reference"))
+    assert_same_run(tmp_path / "z3", tmp_path / "reference", start)

@@ -46,3 +46,13 @@ def test_paper_recipe_matches_the_paper():
 def test_demo_config_parses():
     cfg = DemoConfig.from_yaml(ROOT / "recipes" / "demo.yaml")
     assert (ROOT / cfg.recipe).exists()
+
+
+def test_qwen3_vl_recipe_keeps_the_official_relative_depths():
+    from swim.modeling.capture import default_supervised_layers
+
+    raw = yaml.safe_load((ROOT / "recipes" / "swim_qwen3_vl_8b.yaml").read_text())
+    assert raw["model_name_or_path"] == "Qwen/Qwen3-VL-8B-Instruct"
+    assert raw["attn_layers"] == default_supervised_layers(36)  # Qwen3-VL-8B has 36 decoder layers
+    assert (raw["min_pixels"], raw["max_pixels"]) == (128 * 32 * 32, 768 * 32 * 32)
+    assert raw["activation_checkpointing_kwargs"] == {"use_reentrant": False}

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from swim.modeling.capture import find_decoder_layers
-from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
+from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration, stock_model_class, swim_model_class
 from swim.modeling.objective import GroundingConfig
 from swim.testing import video_batch
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
@@ -21,10 +21,8 @@ SPECS = [
 ]
 
 
-def train(
-    ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=Qwen2_5_VLForConditionalGeneration
-):
-    model = model_cls.from_pretrained(ckpt)
+def train(ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=None):
+    model = (model_cls or stock_model_class(ckpt)).from_pretrained(ckpt)
     args = SwimSFTConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=2,
@@ -68,10 +66,10 @@ def test_reentrant_checkpointing_is_rejected_when_the_config_is_parsed(tmp_path)
 
 @pytest.mark.parametrize("checkpointing", [None, "non_reentrant"])
 def test_attention_loss_changes_the_supervised_layers_in_sft_trainer_train(
-    tiny_ckpt, tmp_path, checkpointing
+    family_ckpt, tmp_path, checkpointing
 ):
-    with_attn, before = train(tiny_ckpt, tmp_path / "a", attn_weight=1.0, checkpointing=checkpointing)
-    text_only, _ = train(tiny_ckpt, tmp_path / "b", attn_weight=0.0, checkpointing=checkpointing)
+    with_attn, before = train(family_ckpt, tmp_path / "a", attn_weight=1.0, checkpointing=checkpointing)
+    text_only, _ = train(family_ckpt, tmp_path / "b", attn_weight=0.0, checkpointing=checkpointing)
     logs_a, logs_b = with_attn.state.log_history[0], text_only.state.log_history[0]
     assert logs_a["loss_text"] == pytest.approx(logs_b["loss_text"], rel=1e-6)  # same data, same start
     assert logs_a["loss_attn"] > 0 and logs_b["loss_attn"] == pytest.approx(logs_a["loss_attn"], rel=1e-6)
@@ -89,16 +87,16 @@ def test_attention_loss_changes_the_supervised_layers_in_sft_trainer_train(
             assert not p.requires_grad and torch.equal(p, before[name])
 
 
-def test_checkpoint_is_plain_qwen2_5_vl(tiny_ckpt, tmp_path):
+def test_checkpoint_is_a_plain_checkpoint_of_the_stock_class(family_ckpt, tmp_path):
+    stock = stock_model_class(family_ckpt)
     trainer, _ = train(
-        tiny_ckpt, tmp_path / "run", attn_weight=1.0, model_cls=SwimQwen2_5_VLForConditionalGeneration
+        family_ckpt, tmp_path / "run", attn_weight=1.0, model_cls=swim_model_class(family_ckpt)
     )
+    assert type(trainer.model).__name__ == f"Swim{stock.__name__}"
     trainer.save_model(str(tmp_path / "ckpt"))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tmp_path / "ckpt", output_loading_info=True
-    )
+    assert config["architectures"] == [stock.__name__]
+    model, info = stock.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(model.get_parameter(name), p.detach(), rtol=0, atol=0)

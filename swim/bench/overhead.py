@@ -32,15 +32,15 @@ VIDEO_FRACTION = 0.8
 N_QUERIES = 8
 
 
-def build_model(device: str, dtype: str = "float32"):
+def build_model(device: str, dtype: str = "float32", family: str = "qwen2_5_vl"):
     import torch
-    from transformers import Qwen2_5_VLConfig
 
-    from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration
-    from swim.tiny import tiny_config_dict
+    from swim.modeling.model import swim_model_class
+    from swim.tiny import tiny_config
 
-    config = tiny_config_dict(
+    config = tiny_config(
         1024,
+        family,
         num_hidden_layers=8,
         hidden_size=512,
         intermediate_size=1376,
@@ -49,7 +49,7 @@ def build_model(device: str, dtype: str = "float32"):
         vision_hidden_size=32,
     )
     torch.manual_seed(0)
-    model = SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    model = swim_model_class(config)(config)
     model = model.to(device=device, dtype=getattr(torch, dtype)).train()
     model.model.visual.requires_grad_(False)  # frozen, as in training
     return model
@@ -83,11 +83,10 @@ def reference_style_loss(model, batch):
     """Every layer, every row after the video: the capture pattern of the official release (kept in the graph)."""
     import torch
 
-    from swim.modeling.capture import AttentionProbe
+    from swim.modeling.capture import AttentionProbe, find_decoder_layers
     from swim.modeling.objective import grounding_loss
 
-    n_layers = model.config.text_config.num_hidden_layers
-    probe = AttentionProbe(model, list(range(n_layers)), checkpoint_recompute=False)
+    probe = AttentionProbe(model, list(find_decoder_layers(model)), checkpoint_recompute=False)
     input_ids = batch["input_ids"]
     video_end = int((input_ids[0] == model.config.vision_end_token_id).nonzero().max())
     all_rows = torch.arange(video_end, input_ids.shape[1], device=input_ids.device)[None]
@@ -104,13 +103,19 @@ def reference_style_loss(model, batch):
 
 
 def run_length(
-    length: int, methods: list[str], repeats: int, device: str, checkpointing: bool, dtype: str = "float32"
+    length: int,
+    methods: list[str],
+    repeats: int,
+    device: str,
+    checkpointing: bool,
+    dtype: str = "float32",
+    family: str = "qwen2_5_vl",
 ) -> list[dict]:
     """Time the methods interleaved (A B C A B C ...) so that machine drift hits all of them alike, then
     measure each one's peak tensor memory during one step."""
     import torch
 
-    model = build_model(device, dtype)
+    model = build_model(device, dtype, family)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     batch = build_batch(model, length, device)
@@ -188,6 +193,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from swim.tiny import FAMILY_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=7)
@@ -195,13 +202,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--family", default="qwen2_5_vl", choices=FAMILY_NAMES, help="tiny model of this family"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = []
     for length in args.lengths:
-        rows += run_length(length, args.methods, args.repeats, args.device, args.checkpointing, args.dtype)
+        rows += run_length(
+            length, args.methods, args.repeats, args.device, args.checkpointing, args.dtype, args.family
+        )
         for r in rows[-len(args.methods) :]:
             logger.info("%s @ %d: %.3f s, %.0f MB", r["method"], r["length"], r["step_s"], r["peak_mb"])
     table = format_table(rows)

@@ -2,7 +2,8 @@
 
 Per sample: probe the video, run the shared record checks (`swim.data.validate.check_record`), load the
 frames keeping every annotated frame (`swim.data.video.load_video(keep=...)`), render and align the text
-(`swim.data.tags.build_text`), and turn each object's masks into per-token area fractions
+in the model family's token layout (`swim.data.tags.build_text`, `swim.modeling.families`), and turn each
+object's masks into per-token area fractions at the family's merged-token size
 (`swim.data.masks.object_group_targets`).
 
 Bad records never crash training. A Dataset must return something for every index, so on a bad record
@@ -11,7 +12,8 @@ video, bad tags, too long) ``__getitem__(i)`` returns the next good record ``i+1
 ``max_attempts`` tries, then it raises), remembers the bad index so it is not decoded again, and counts the
 skip by reason in `SkipCounter` (logged every ``log_every`` skips and by `SwimDataset.log_skips`; with
 DataLoader workers each worker counts its own). A tag/object count mismatch is not a skip: the sample keeps
-its text loss, drops attention supervision, and is counted as ``supervision_dropped:tag_count``.
+its text loss, drops attention supervision, and is counted as ``supervision_dropped:tag_count``. Tagged
+tokens that straddle a tag edge (supervised whole) are counted per record type in `SwimDataset.stats`.
 ``strict=True`` raises the first problem as `RecordError` (file, record index, field, reason).
 """
 
@@ -39,6 +41,7 @@ from swim.data.video import (
     resize_frames,
     smart_resize,
 )
+from swim.modeling.families import FamilySpec, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class SwimDataset(Dataset):
     ``data_root`` is already set). ``supervise_qa``: give NL-Refer QA records attention supervision too (the
     official code trains them text-only). ``pair_mode``: how the two frames of a temporal group combine into
     one target (``"union"``; see `swim.data.masks`). ``max_length``: skip longer samples (None: no limit).
+    ``family``: the model family (`swim.modeling.families`; default Qwen2.5-VL), whose geometry ``settings``
+    must have (use ``family.video_settings(...)``).
     """
 
     def __init__(
@@ -94,9 +99,22 @@ class SwimDataset(Dataset):
         max_length: int | None = None,
         max_attempts: int = 20,
         log_every: int = 100,
+        family: FamilySpec | None = None,
     ):
         if not records:
             raise ValueError("SwimDataset needs at least one record")
+        self.family = family or family_of("qwen2_5_vl")
+        geometry = self.family.geometry
+        mismatched = [
+            f"{name} {getattr(settings, name)} != {getattr(geometry, name)}"
+            for name in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+            if tuple(np.atleast_1d(getattr(settings, name))) != tuple(np.atleast_1d(getattr(geometry, name)))
+        ]
+        if mismatched:
+            raise ValueError(
+                f"video settings do not match the {self.family.name} geometry ({'; '.join(mismatched)}): "
+                f"build them with family.video_settings(...)"
+            )
         self.records = list(records)
         self.settings = settings
         self.tokenizer = tokenizer
@@ -107,6 +125,7 @@ class SwimDataset(Dataset):
         self.max_length = max_length
         self.max_attempts = max_attempts
         self.skips = SkipCounter(log_every)
+        self.stats: Counter[str] = Counter()  # e.g. "straddling_tokens:NLReferRecord"
         self._bad: set[int] = set()
         self._probes: dict[Path, VideoInfo | None] = {}
 
@@ -138,6 +157,10 @@ class SwimDataset(Dataset):
     def log_skips(self) -> None:
         """Log the skip summary (call at the end of training)."""
         logger.info("SwimDataset: %d records, skipped/dropped: %s", len(self), self.skips.summary())
+        if self.stats:
+            logger.info(
+                "SwimDataset statistics: %s", ", ".join(f"{k}: {n}" for k, n in sorted(self.stats.items()))
+            )
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -164,21 +187,23 @@ class SwimDataset(Dataset):
             except (VideoDecodeError, ValueError) as e:
                 raise record.error("video", f"cannot decode: {e}", "unreadable_video") from None
             grid = clip.grid_thw
+            span = self.family.video_span(grid, clip.frame_indices, clip.source_fps)
             sample["pixel_values_videos"] = clip.pixel_values
             sample["video_grid_thw"] = torch.tensor([grid], dtype=torch.long)
-            sample["second_per_grid_ts"] = torch.tensor([clip.second_per_grid_ts], dtype=torch.float32)
+            if self.family.second_per_grid_ts:
+                sample["second_per_grid_ts"] = torch.tensor([clip.second_per_grid_ts], dtype=torch.float32)
         else:
             pixel_values, grid = self._load_image(record, path)
+            span = self.family.image_span(grid)
             sample["pixel_values"] = pixel_values
             sample["image_grid_thw"] = torch.tensor([grid], dtype=torch.long)
-        m2 = self.settings.merge_size**2
-        n_tokens = grid[0] * grid[1] * grid[2] // m2
+        n_tokens = span.num_tokens
 
         try:
             text = build_text(
                 self.tokenizer,
                 record.turns(),
-                media=[(kind, n_tokens)],
+                media=[span],
                 n_objects=len(record.annotation) if supervise else 0,
                 supervise=supervise,
                 system_prompt=self.system_prompt,
@@ -189,6 +214,8 @@ class SwimDataset(Dataset):
             raise record.error(
                 "<sample>", f"{len(text.input_ids)} tokens > max_length {self.max_length}", "too_long"
             )
+        if text.straddling:
+            self.stats[f"straddling_tokens:{type(record).__name__}"] += text.straddling
         if text.skip_reason:
             self.skips.add(
                 "supervision_dropped:tag_count", f"{record.source}:{record.position}: {text.skip_reason}"
@@ -229,6 +256,7 @@ class SwimDataset(Dataset):
                     clip.frame_indices,
                     clip.original_hw,
                     clip.resized_hw,
+                    merge_factor=self.settings.factor,
                     temporal_patch=self.settings.temporal_patch_size,
                     pair_mode=self.pair_mode,
                 )

@@ -13,8 +13,14 @@ How it works (`build_text`):
    character ranges overlap. Spans are first trimmed of surrounding whitespace, so with Qwen's byte-level
    BPE the token ``" dog"`` (whose offsets include the leading space) belongs to the span ``dog``, and a
    whitespace-only token never does; a word split into several tokens gives all of them.
-4. Each ``<|video_pad|>`` / ``<|image_pad|>`` token is expanded to the sample's K vision tokens at the id
-   level (identical to tokenizing K copies, without tokenizing K copies) and all positions are shifted.
+4. Each ``<|video_pad|>`` / ``<|image_pad|>`` token is expanded at the id level to the family's layout
+   (`swim.modeling.families.VisionSpan`): K contiguous vision tokens (Qwen2/2.5-VL, and images everywhere), or
+   for a Qwen3-VL / Qwen3.5 video the whole ``<|vision_start|><|video_pad|><|vision_end|>`` triplet becomes, per
+   temporal group, the text timestamp ``<t seconds>`` and its own vision_start / tokens / vision_end block
+   (`expand_vision`, shared with the evaluation prompts). All positions are shifted accordingly.
+
+Tokens that straddle a tag edge (``<ins>dog</ins>s`` -> `` dogs``; Chinese merges such as ``的女孩``) are
+supervised whole, and counted (`TextSample.straddling`) so that datasets can report how often it happens.
 
 Objects: the k-th distinct tagged phrase (order of first appearance in the rendered text, compared
 case-insensitively after stripping) refers to ``annotation[k]``; every occurrence of a phrase (question and
@@ -31,7 +37,9 @@ from typing import Literal
 
 import torch
 
+from swim.data.control_tokens import find_control_tokens
 from swim.data.records import Turn
+from swim.modeling.families import VisionSpan, timestamp_text
 
 OPEN_TAG, CLOSE_TAG = "<ins>", "</ins>"
 _TAG_RE = re.compile(r"</?ins>")
@@ -47,6 +55,7 @@ _S_OPEN, _S_CLOSE, _S_ANS, _S_ANS_END = "\ue000", "\ue001", "\ue002", "\ue003"
 _SENTINELS = (_S_OPEN, _S_CLOSE, _S_ANS, _S_ANS_END)
 
 VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
 
 
@@ -151,25 +160,27 @@ class TextSample:
     skip_reason: str | None = None  # why attention supervision was dropped (None: supervised or text-only)
     text: str = ""  # the rendered clean text, with one pad token per image/video
     spans: list[tuple[int, int, str]] = field(default_factory=list)  # (char start, end, phrase) per tag
+    straddling: int = 0  # supervised tokens that extend beyond their tag (supervised whole)
 
 
 def build_text(
     tokenizer,
     turns: Sequence[Turn],
     *,
-    media: Sequence[tuple[Literal["video", "image"], int]] = (),
+    media: Sequence[VisionSpan | tuple[Literal["video", "image"], int]] = (),
     n_objects: int = 0,
     supervise: bool = True,
     system_prompt: str | None = SWIM_SYSTEM_PROMPT,
 ) -> TextSample:
     """Render, tokenize and align one conversation.
 
-    ``media`` lists ``(kind, n_tokens)`` per image/video, placed at the start of the first user turn;
-    ``n_tokens`` is the merged token count K (``t*h*w / merge**2``). With ``supervise=False`` or
+    ``media`` lists one `VisionSpan` per image/video (or ``(kind, n_tokens)``: one contiguous run of K =
+    ``t*h*w / merge**2`` tokens), placed at the start of the first user turn. With ``supervise=False`` or
     ``n_objects == 0`` no queries are produced (tags are still validated and removed). Raises `TagError`.
     """
+    media = [m if isinstance(m, VisionSpan) else VisionSpan(m[0], m[1]) for m in media]
     phrases = check_turn_tags(turns)
-    messages = _messages(turns, media, system_prompt)
+    messages = _messages(turns, [m.kind for m in media], system_prompt)
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     clean, tag_ranges, answer_ranges = _remove_sentinels(rendered)
     if len(tag_ranges) != len(phrases):  # the template dropped or duplicated content
@@ -181,38 +192,20 @@ def build_text(
 
     labelled = _tokens_starting_in(offsets, _with_im_end(clean, answer_ranges))
     queries: list[tuple[int, int]] = []  # (token position, object)
-    skip_reason = None
+    skip_reason, straddling = None, 0
     if supervise and n_objects > 0:
         objects, skip_reason = assign_objects(phrases, n_objects)
         if objects is not None:
             for (s, e), obj in zip(tag_ranges, objects, strict=True):
                 s, e = _trim(clean, s, e)
-                queries += [(p, obj) for p in _tokens_overlapping(offsets, s, e)]
+                tokens = _tokens_overlapping(offsets, s, e)
+                queries += [(p, obj) for p in tokens]
+                straddling += sum(_straddles(clean, *offsets[p], s, e) for p in tokens)
 
-    # Expand the vision pads: old position p -> new position p + shift(p).
-    pad_ids = {
-        "video": tokenizer.convert_tokens_to_ids(VIDEO_PAD),
-        "image": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-    }
-    pads = [p for p, t in enumerate(ids) if t in pad_ids.values()]
-    if len(pads) != len(media) or any(
-        ids[p] != pad_ids[kind] for p, (kind, _) in zip(pads, media, strict=True)
-    ):
-        raise TagError(f"expected {len(media)} vision pad token(s) in the rendered text, found {len(pads)}")
-    new_ids, types, lab, new_pos = [], [], [], []
-    it = iter(media)
-    pad_set = set(pads)
-    for p, t in enumerate(ids):
-        new_pos.append(len(new_ids))
-        if p in pad_set:
-            kind, k = next(it)
-            new_ids += [t] * k
-            types += [TOKEN_TYPE[kind]] * k
-            lab += [-100] * k
-        else:
-            new_ids.append(t)
-            types.append(0)
-            lab.append(t if p in labelled else -100)
+    new_ids, types, new_pos = expand_vision(tokenizer, ids, media)
+    lab = [-100] * len(new_ids)
+    for p in labelled:
+        lab[new_pos[p]] = ids[p]
     queries.sort()
     return TextSample(
         input_ids=torch.tensor(new_ids, dtype=torch.long),
@@ -223,26 +216,90 @@ def build_text(
         skip_reason=skip_reason,
         text=clean,
         spans=[(s, e, clean[s:e]) for s, e in tag_ranges],
+        straddling=straddling,
     )
+
+
+def expand_vision(
+    tokenizer, ids: Sequence[int], media: Sequence[VisionSpan]
+) -> tuple[list[int], list[int], list[int]]:
+    """Replace each image/video placeholder of `ids` by its tokens; returns (ids, mm_token_type_ids, new_pos).
+
+    A contiguous span replaces its pad token by K copies (types 1 image / 2 video). A timestamped video span
+    replaces the whole ``<|vision_start|><|video_pad|><|vision_end|>`` triplet by, per temporal group, the tokens
+    of ``<t seconds>`` (tokenized on their own: special tokens bound them, so this equals tokenizing in
+    context), ``<|vision_start|>``, the group's video tokens and ``<|vision_end|>``; only the video tokens have
+    type 2. `new_pos[p]` is the new position of old token p (for replaced tokens: the start of the replacement).
+    Raises `TagError` if the placeholders do not match `media`.
+    """
+    pad_ids = {
+        kind: tokenizer.convert_tokens_to_ids(tok)
+        for kind, tok in (("video", VIDEO_PAD), ("image", IMAGE_PAD))
+    }
+    start_id, end_id = (tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END))
+    pads = [p for p, t in enumerate(ids) if t in pad_ids.values()]
+    if len(pads) != len(media) or any(ids[p] != pad_ids[m.kind] for p, m in zip(pads, media)):
+        found = {kind: sum(ids[p] == i for p in pads) for kind, i in pad_ids.items()}
+        raise TagError(
+            f"expected {len(media)} vision placeholder(s) ({', '.join(m.kind for m in media) or 'none'}) in the "
+            f"rendered text, found {found['video']} video and {found['image']} image placeholder(s)"
+        )
+    replacements: dict[int, tuple[int, list[int], list[int]]] = {}  # first old position -> (end, ids, types)
+    for p, span in zip(pads, media):
+        kind_type = TOKEN_TYPE[span.kind]
+        if span.timestamps is None:
+            replacements[p] = (p + 1, [ids[p]] * span.num_tokens, [kind_type] * span.num_tokens)
+            continue
+        if not (0 < p < len(ids) - 1 and ids[p - 1] == start_id and ids[p + 1] == end_id):
+            raise TagError(f"the {span.kind} placeholder is not wrapped in {VISION_START}{VISION_END}")
+        block_ids, block_types = [], []
+        for seconds in span.timestamps:
+            stamp = tokenizer(timestamp_text(seconds), add_special_tokens=False)["input_ids"]
+            block_ids += [*stamp, start_id] + [ids[p]] * span.tokens_per_group + [end_id]
+            block_types += [0] * (len(stamp) + 1) + [kind_type] * span.tokens_per_group + [0]
+        replacements[p - 1] = (p + 2, block_ids, block_types)
+    new_ids: list[int] = []
+    types: list[int] = []
+    new_pos: list[int] = []
+    p = 0
+    while p < len(ids):
+        if p in replacements:
+            end, block_ids, block_types = replacements[p]
+            new_pos += [len(new_ids)] * (end - p)
+            new_ids += block_ids
+            types += block_types
+            p = end
+        else:
+            new_pos.append(len(new_ids))
+            new_ids.append(ids[p])
+            types.append(0)
+            p += 1
+    return new_ids, types, new_pos
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _messages(turns: Sequence[Turn], media, system_prompt: str | None) -> list[dict]:
+def _messages(turns: Sequence[Turn], media: Sequence[str], system_prompt: str | None) -> list[dict]:
     msgs: list[dict] = []
     if system_prompt is not None:
         msgs.append({"role": "system", "content": system_prompt})
     first_user = True
-    for turn in turns:
+    for t, turn in enumerate(turns):
         text = turn.text
         if any(s in text for s in _SENTINELS):
-            raise TagError("text contains reserved private-use characters U+E000..U+E003")
+            raise TagError("text contains reserved private-use characters U+E000..U+E003", turn=t)
+        if control := find_control_tokens(strip_tags(text)):
+            raise TagError(
+                f"contains Qwen control token(s) {', '.join(map(repr, control))}, which the tokenizer would read as "
+                "control tokens, not text",
+                turn=t,
+            )
         text = text.replace(OPEN_TAG, _S_OPEN).replace(CLOSE_TAG, _S_CLOSE)
         if turn.role == "assistant":
             msgs.append({"role": "assistant", "content": _S_ANS + text + _S_ANS_END})
         elif first_user and media:
-            content = [{"type": kind, kind: ""} for kind, _ in media] + [{"type": "text", "text": text}]
+            content = [{"type": kind, kind: ""} for kind in media] + [{"type": "text", "text": text}]
             msgs.append({"role": "user", "content": content})
             first_user = False
         else:
@@ -283,6 +340,11 @@ def _trim(text: str, s: int, e: int) -> tuple[int, int]:
     while e > s and text[e - 1].isspace():
         e -= 1
     return s, e
+
+
+def _straddles(text: str, a: int, b: int, s: int, e: int) -> bool:
+    """Does token `text[a:b]` carry non-space characters outside the tag `text[s:e]`?"""
+    return bool(text[a:s].strip()) or bool(text[e:b].strip())
 
 
 def _tokens_overlapping(offsets: list[tuple[int, int]], s: int, e: int) -> list[int]:

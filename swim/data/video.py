@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# OpenAI CLIP statistics, used by Qwen2/2.5-VL's image and video processors.
+# OpenAI CLIP statistics, used by Qwen2/2.5-VL's image and video processors (Qwen3-VL and Qwen3.5 use 0.5/0.5:
+# `swim.modeling.families` sets the statistics of each family through `VideoSettings`).
 QWEN_MEAN = (0.48145466, 0.4578275, 0.40821073)
 QWEN_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -54,8 +55,8 @@ class VideoDecodeError(RuntimeError):
 
 @dataclass
 class VideoSettings:
-    """How a video becomes model input. Defaults follow the official SWIM training (32 uniform frames, the
-    qwen-vl-utils pixel budgets)."""
+    """How a video becomes model input. Defaults follow the official SWIM training of Qwen2.5-VL (32 uniform
+    frames, the qwen-vl-utils pixel budgets); `FamilySpec.video_settings()` gives each family's preset."""
 
     num_frames: int = 32  # uniform sampling budget (ignored when sample_fps is set)
     sample_fps: float | None = None  # fps-based sampling when set
@@ -66,13 +67,15 @@ class VideoSettings:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
+    image_mean: tuple[float, float, float] = QWEN_MEAN
+    image_std: tuple[float, float, float] = QWEN_STD
     decode_timeout_s: float = 60.0
     backend: str = "auto"  # "auto" (decord, then PyAV), "decord" or "pyav"
     folder_fps: float = 24.0  # fps assumed for frame folders (DAVIS-2017 is 24 fps)
 
     @property
     def factor(self) -> int:
-        """Side length in pixels of one merged token (28 for Qwen2.5-VL)."""
+        """Side length in pixels of one merged token (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
         return self.patch_size * self.merge_size
 
 
@@ -405,7 +408,8 @@ def resize_frames(frames: np.ndarray | torch.Tensor, hw: tuple[int, int]) -> tor
 def patchify(frames: torch.Tensor, settings: VideoSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """[T, 3, H, W] in 0..255 (uint8 or float) -> (pixel_values float32 [t*h*w, 3*tp*p*p], grid (t, h, w)).
 
-    Pad T to a multiple of tp by repeating the last frame, rescale by 1/255 and normalise with CLIP mean/std.
+    Pad T to a multiple of tp by repeating the last frame, rescale by 1/255 and normalise with the settings'
+    mean/std (CLIP for Qwen2/2.5-VL, 0.5 for Qwen3-VL).
     Qwen's order: rows are (t, h/m, w/m, m, m), i.e. the m*m patches of one merged token are consecutive and
     merged tokens are (t, h/m, w/m) row-major; columns are (channel, tp, p, p).
     """
@@ -420,8 +424,8 @@ def patchify(frames: torch.Tensor, settings: VideoSettings) -> tuple[torch.Tenso
     x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     out = x.reshape(gt * gh * gw, c * tp * p * p).to(torch.float32, copy=True)
     # (x / 255 - mean) / std as one multiply-add per column; columns run over channels first
-    std = torch.tensor(QWEN_STD, dtype=torch.float32).repeat_interleave(tp * p * p)
-    mean = torch.tensor(QWEN_MEAN, dtype=torch.float32).repeat_interleave(tp * p * p)
+    std = torch.tensor(settings.image_std, dtype=torch.float32).repeat_interleave(tp * p * p)
+    mean = torch.tensor(settings.image_mean, dtype=torch.float32).repeat_interleave(tp * p * p)
     return out.mul_(1.0 / (255.0 * std)).sub_(mean / std), (gt, gh, gw)
 
 

@@ -1,11 +1,15 @@
-"""Batched greedy generation on videos with a stock Qwen2.5-VL checkpoint (for `swim infer` and the benches).
+"""Batched greedy generation on videos with a stock checkpoint of any supported family (for `swim infer` and
+the benches).
 
 No processor and no torchvision: the tokenizer renders the chat template, `swim.data.video.load_video` gives
-the patchified frames (the same sampler and resize as training, configured by the same `VideoSettings`), and
-the single ``<|video_pad|>`` of the rendered prompt is expanded to the clip's ``t*h*w / merge²`` tokens. The
-model also gets ``mm_token_type_ids`` (2 at video tokens; without it transformers silently falls back to 1-D
-positions), ``video_grid_thw`` and ``second_per_grid_ts``. Batches are LEFT-padded, so every prompt ends at
-the same column and new tokens are appended after it.
+the patchified frames (the same sampler and resize as training, configured by the same `VideoSettings` of the
+model's family), and the rendered prompt's video placeholder is expanded by the training code
+(`swim.data.tags.expand_vision`): ``t*h*w / merge²`` contiguous tokens for Qwen2/2.5-VL, one timestamped
+vision block per temporal group for Qwen3-VL / Qwen3.5 (transformers 5.23's `Qwen3VLProcessor` nests the vision
+markers, so it is not used). The model also gets ``mm_token_type_ids`` (2 at video tokens; without it
+transformers silently falls back to 1-D positions), ``video_grid_thw`` and, for Qwen2.5-VL,
+``second_per_grid_ts``. Batches are LEFT-padded, so every prompt ends at the same column and new tokens are
+appended after it.
 
 Generation is greedy (``do_sample=False``). The checkpoint's ``generation_config`` is used only for its
 ``repetition_penalty`` (Qwen2.5-VL-Instruct ships 1.05, which the official SWIM eval therefore used) unless
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from swim.data.tags import SWIM_SYSTEM_PROMPT
+from swim.data.tags import SWIM_SYSTEM_PROMPT, TagError, expand_vision
 from swim.data.video import VideoClip, VideoSettings, load_video
 from swim.eval.sharding import (
     JsonlStore,
@@ -41,6 +45,7 @@ from swim.eval.sharding import (
     select_shard,
     shard_path,
 )
+from swim.modeling.families import FamilySpec, VisionSpan, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +128,17 @@ def add_video_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-frames", type=int, default=d.num_frames, help="uniformly sampled frames")
     g.add_argument("--sample-fps", type=float, default=d.sample_fps, help="sample at this fps instead")
     g.add_argument("--max-frames", type=int, default=d.max_frames, help="hard cap on sampled frames")
-    g.add_argument("--min-pixels", type=int, default=d.min_pixels, help="per-frame minimum pixels")
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="per-frame maximum pixels")
-    g.add_argument("--total-pixels", type=int, default=d.total_pixels, help="whole-video pixel budget")
+    g.add_argument("--min-pixels", type=int, help="per-frame minimum pixels (default: the model family's)")
+    g.add_argument("--max-pixels", type=int, help="per-frame maximum pixels (default: the model family's)")
+    g.add_argument("--total-pixels", type=int, help="whole-video pixel budget (default: the model family's)")
     g.add_argument("--video-backend", default=d.backend, choices=["auto", "decord", "pyav"])
     g.add_argument("--folder-fps", type=float, default=d.folder_fps, help="fps assumed for frame folders")
     g.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, help="seconds per video")
 
 
 def video_settings_from_args(args: argparse.Namespace) -> VideoSettings:
-    return VideoSettings(
+    """The `--model` family's preset (geometry, pixel budgets; read from its config.json) with the flags set."""
+    return family_of(args.model).video_settings(
         num_frames=args.num_frames,
         sample_fps=args.sample_fps,
         max_frames=args.max_frames,
@@ -210,19 +216,25 @@ def resolve_attn_implementation(name: str, dtype: torch.dtype) -> str:
 
 @dataclass
 class LoadedModel:
-    model: Any  # Qwen2_5_VLForConditionalGeneration, eval mode
+    model: Any  # the family's stock class (e.g. Qwen2_5_VLForConditionalGeneration), eval mode
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
     path: str
 
+    @property
+    def family(self) -> FamilySpec:
+        return family_of(self.model)
+
 
 def load_model(
     model_dir: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "auto"
 ) -> LoadedModel:
-    """Stock `Qwen2_5_VLForConditionalGeneration` + `AutoTokenizer` from a checkpoint folder, in eval mode."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    """The family's stock model class + `AutoTokenizer` from a checkpoint folder, in eval mode."""
+    from transformers import AutoTokenizer
+
+    from swim.modeling.model import stock_model_class
 
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
@@ -232,13 +244,13 @@ def load_model(
     attn = resolve_attn_implementation(attn_implementation, torch_dtype)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = stock_model_class(path).from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn, device_map=str(dev)
     )  # straight onto the device: a 7B model is not staged in CPU memory first
     model.eval()
     for token in (VIDEO_PAD, "<|vision_start|>", "<|vision_end|>"):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise ValueError(f"{path}: tokenizer has no {token} token; is this a Qwen2.5-VL checkpoint?")
+            raise ValueError(f"{path}: tokenizer has no {token} token; is this a Qwen VL checkpoint?")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info(
@@ -280,31 +292,34 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor  # Long [L], 2 at video tokens
     pixel_values_videos: torch.Tensor  # float [t*h*w, 3*tp*p*p]
     video_grid_thw: tuple[int, int, int]
-    second_per_grid_ts: float
+    second_per_grid_ts: float | None  # Qwen2.5-VL only
+    span: VisionSpan | None = None  # the video's token layout (timestamps for Qwen3-VL / Qwen3.5)
 
 
-def encode_prompt(tokenizer, prompt_text: str, clip: VideoClip, merge_size: int = 2) -> EncodedPrompt:
-    """Tokenize `prompt_text` and expand its single ``<|video_pad|>`` to the clip's merged-token count."""
-    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+def encode_prompt(
+    tokenizer, prompt_text: str, clip: VideoClip, family: FamilySpec | None = None
+) -> EncodedPrompt:
+    """Tokenize `prompt_text` and expand its single video placeholder to the clip's tokens, in the family's
+    layout (`swim.data.tags.expand_vision`, the same code as training; default family: Qwen2.5-VL)."""
+    family = family or family_of("qwen2_5_vl")
     ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    where = [i for i, t in enumerate(ids) if t == video_id]
-    if len(where) != 1:
-        raise ValueError(f"prompt has {len(where)} {VIDEO_PAD} tokens, expected 1")
     t, h, w = clip.grid_thw
     if clip.pixel_values.shape[0] != t * h * w:
         raise ValueError(
             f"clip has {clip.pixel_values.shape[0]} patches, grid {clip.grid_thw} needs {t * h * w}"
         )
-    n_video = t * h * w // merge_size**2
-    pos = where[0]
-    ids = ids[:pos] + [video_id] * n_video + ids[pos + 1 :]
-    input_ids = torch.tensor(ids, dtype=torch.long)
+    span = family.video_span(clip.grid_thw, clip.frame_indices, clip.source_fps)
+    try:
+        ids, types, _ = expand_vision(tokenizer, ids, [span])
+    except TagError as e:
+        raise ValueError(f"prompt: {e}") from None
     return EncodedPrompt(
-        input_ids=input_ids,
-        mm_token_type_ids=(input_ids == video_id).long() * 2,
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        mm_token_type_ids=torch.tensor(types, dtype=torch.long),
         pixel_values_videos=clip.pixel_values,
         video_grid_thw=(int(t), int(h), int(w)),
-        second_per_grid_ts=float(clip.second_per_grid_ts),
+        second_per_grid_ts=float(clip.second_per_grid_ts) if family.second_per_grid_ts else None,
+        span=span,
     )
 
 
@@ -322,14 +337,18 @@ def collate_left(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[st
         input_ids[i, length - k :] = p.input_ids
         attention_mask[i, length - k :] = 1
         mm_token_type_ids[i, length - k :] = p.mm_token_type_ids
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mm_token_type_ids": mm_token_type_ids,
         "pixel_values_videos": torch.cat([p.pixel_values_videos for p in prompts]),
         "video_grid_thw": torch.tensor([p.video_grid_thw for p in prompts], dtype=torch.long),
-        "second_per_grid_ts": torch.tensor([p.second_per_grid_ts for p in prompts], dtype=torch.float32),
     }
+    if prompts[0].second_per_grid_ts is not None:
+        batch["second_per_grid_ts"] = torch.tensor(
+            [p.second_per_grid_ts for p in prompts], dtype=torch.float32
+        )
+    return batch
 
 
 def greedy_generation_config(model, tokenizer, max_new_tokens: int, repetition_penalty: float | None):
@@ -416,7 +435,7 @@ class Generator:
 
     def __post_init__(self) -> None:
         m = self.loaded.model
-        self.merge_size = int(m.config.vision_config.spatial_merge_size)
+        self.family = self.loaded.family
         self.generation_config = greedy_generation_config(
             m, self.loaded.tokenizer, self.settings.max_new_tokens, self.settings.repetition_penalty
         )
@@ -426,7 +445,7 @@ class Generator:
         loader = self.clip_loader or load_video
         clip = loader(item.video, self.video_settings)
         prompt = render_prompt(self.loaded.tokenizer, item.question, self.settings.system_prompt)
-        return encode_prompt(self.loaded.tokenizer, prompt, clip, self.merge_size)
+        return encode_prompt(self.loaded.tokenizer, prompt, clip, self.family)
 
     def run(
         self, items: Sequence[GenItem], on_output: Callable[[GenOutput], None], *, desc: str = "generate"

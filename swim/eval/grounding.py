@@ -15,7 +15,7 @@ renormalised over the group's tokens):
 - `mask_mass`: attention mass on tokens the mask touches at all.
 Reported per layer and for the layers' fused map (mean of the group-normalised maps), with the chance level of a
 uniformly random token (`chance_pointing_game`) and of uniform attention (`chance_mask_mass`). Micro-average
-over pairs. Works for any Qwen2.5-VL checkpoint, so stock and fine-tuned models can be compared.
+over pairs. Works for any checkpoint of a supported family, so stock and fine-tuned models can be compared.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from swim.data.tags import SWIM_SYSTEM_PROMPT
-from swim.modeling.capture import AttentionProbe, default_supervised_layers, video_token_positions
+from swim.modeling.capture import AttentionProbe, supervised_layers, video_token_positions
 from swim.modeling.losses import group_normalize
 from swim.modeling.objective import supervised_rows
 
@@ -125,16 +125,18 @@ class MetricAccumulator:
 def evaluate_grounding(
     model,
     batches,
-    layers: list[int],
+    layers: list[int] | None,
     *,
     query_offset: int = 0,
     metrics: GroundingMetricsConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """Grounding metrics of `model` over collated `batches` (docs/batch_contract.md):
-    {"fused": {...}, "layer L": {...}}, each micro-averaged over (row, temporal group) pairs."""
+    {"fused": {...}, "layer L": {...}}, each micro-averaged over (row, temporal group) pairs. `layers`: decoder
+    layer indices (None: the default supervised layers of the model)."""
     metrics = metrics or GroundingMetricsConfig()
     device = next(model.parameters()).device
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
+    layers = probe.layers
     acc = MetricAccumulator()
     try:
         for batch in batches:
@@ -178,8 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--max-frames", type=int, default=32)
-    parser.add_argument("--min-pixels", type=int, default=128 * 28 * 28)
-    parser.add_argument("--max-pixels", type=int, default=768 * 28 * 28)
+    parser.add_argument("--min-pixels", type=int, help="default: the model family's (128 merged tokens)")
+    parser.add_argument("--max-pixels", type=int, help="default: the model family's (768 merged tokens)")
     parser.add_argument("--min-cover", type=float, default=0.05)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
@@ -190,12 +192,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from swim.data.collator import SwimCollator
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
-    from swim.data.video import VideoSettings
+    from swim.modeling.families import family_of
+    from swim.modeling.model import stock_model_class
 
     args = _parser().parse_args(argv)
     records, problems = load_records(args.data, data_root=args.data_root, errors="collect")
@@ -205,14 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not records:
         raise SystemExit(f"{args.data}: no record with masks to evaluate")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    settings = VideoSettings(num_frames=args.num_frames, max_frames=args.max_frames,
-                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
-    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, system_prompt=args.system_prompt)
+    family = family_of(args.model)
+    settings = family.video_settings(num_frames=args.num_frames, max_frames=args.max_frames,
+                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+    dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, system_prompt=args.system_prompt,
+                          family=family)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, collate_fn=SwimCollator(tokenizer.pad_token_id)
     )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model).eval()
-    layers = args.layers or default_supervised_layers(model.config.text_config.num_hidden_layers)
+    model = stock_model_class(args.model).from_pretrained(args.model).eval()
+    layers = supervised_layers(model, args.layers)
     summary = evaluate_grounding(
         model, tqdm(loader, desc="grounding"), layers, query_offset=args.query_offset,
         metrics=GroundingMetricsConfig(args.min_cover, args.top_k),

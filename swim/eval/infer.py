@@ -60,7 +60,9 @@ def infer(
     settings: GenerationSettings | None = None,
 ) -> InferResult:
     """Decode `video`, build the chat prompt and greedily generate the answer (raises on failure)."""
-    generator = Generator(loaded, video_settings or VideoSettings(), settings or GenerationSettings())
+    generator = Generator(
+        loaded, video_settings or loaded.family.video_settings(), settings or GenerationSettings()
+    )
     text = clean_text(question)
     encoded = generator.encode(GenItem("0", Path(video), text))
     inputs = collate_left([encoded], loaded.tokenizer.pad_token_id)
@@ -82,7 +84,7 @@ def tagged_word_overlays(
     (every occurrence, question and answer) on the frames the model saw: one PNG per phrase, one row per layer."""
     from swim.data.records import Turn
     from swim.data.tags import build_text, check_turn_tags, distinct_phrases
-    from swim.modeling.capture import default_supervised_layers
+    from swim.modeling.capture import supervised_layers
     from swim.vis.attention import RecordMaps, attention_on_video, draw_grid, unpatchify
 
     turns = [Turn("user", question), Turn("assistant", result.answer)]
@@ -90,8 +92,7 @@ def tagged_word_overlays(
     if not phrases:
         raise SystemExit("--attention needs <ins>...</ins> around the words to look at, in --question")
     t, h, w = result.encoded.video_grid_thw
-    m = video_settings.merge_size
-    text = build_text(loaded.tokenizer, turns, media=[("video", t * h * w // m**2)], n_objects=len(phrases),
+    text = build_text(loaded.tokenizer, turns, media=[result.encoded.span], n_objects=len(phrases),
                       system_prompt=system_prompt)  # fmt: skip
     device = loaded.device
     batch = {
@@ -100,9 +101,10 @@ def tagged_word_overlays(
         "mm_token_type_ids": text.mm_token_type_ids[None].to(device),
         "pixel_values_videos": result.encoded.pixel_values_videos.to(device, loaded.dtype),
         "video_grid_thw": torch.tensor([[t, h, w]], device=device),
-        "second_per_grid_ts": torch.tensor([result.encoded.second_per_grid_ts], device=device),
     }
-    layers = layers or default_supervised_layers(loaded.model.config.text_config.num_hidden_layers)
+    if result.encoded.second_per_grid_ts is not None:
+        batch["second_per_grid_ts"] = torch.tensor([result.encoded.second_per_grid_ts], device=device)
+    layers = supervised_layers(loaded.model, layers)
     frames = unpatchify(result.encoded.pixel_values_videos, (t, h, w), video_settings)
     frames = frames[:: video_settings.temporal_patch_size]
     written = []

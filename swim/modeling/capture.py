@@ -5,12 +5,13 @@ Design: *capture q and k inside the forward, finish the softmax outside it* (doc
 - A forward pre-hook on each supervised layer's attention module (`self_attn`) keeps references to its rotary
   tables `(cos, sin)`.
 - Forward hooks on the modules that produce the **pre-RoPE query and key states** keep their outputs: the per-head
-  norms `q_norm` / `k_norm` where the attention has them (Qwen3 families), otherwise `q_proj` / `k_proj`
-  (Qwen2-VL, Qwen2.5-VL). The query hook keeps only the rows to be supervised (`capture(query_positions=...)`:
+  norms `q_norm` / `k_norm` where the family has them (Qwen3-VL, Qwen3.5, whose gated `q_proj` also emits the
+  output gate), otherwise `q_proj` / `k_proj` (Qwen2-VL, Qwen2.5-VL); `swim.modeling.families` says which. The query hook keeps only the rows to be supervised (`capture(query_positions=...)`:
   the collator knows them before the forward) of the samples that have any; the key hook keeps keys up to the
   last such row (later keys are causally masked anyway).
-- After the forward only parameter-free work is left: RoPE with the captured tables, a float32 GQA score, the
-  causal + padding softmax, the gather of the visual columns. Under activation checkpointing that part runs under
+- After the forward only parameter-free work is left: RoPE with the captured tables (partial rotary where the
+  tables are narrower than a head), a float32 GQA score, the causal + padding (+ sliding-window) softmax, the
+  gather of the visual columns. Under activation checkpointing that part runs under
   its own non-reentrant checkpoint, so only the small `[B, n, K]` result is kept for backward.
 
 Why this design: no module with parameters is ever called outside its own forward. Under DeepSpeed ZeRO-3 a
@@ -40,6 +41,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from swim.modeling.families import FamilySpec, family_of
+
 # The official layers for the 28-layer Qwen2.5-VL-7B LLM.
 REFERENCE_LAYERS = (2, 7, 12, 17, 22, 27)
 REFERENCE_DEPTH = 28
@@ -56,11 +59,13 @@ def default_supervised_layers(num_layers: int) -> list[int]:
     return sorted({round(layer * scale) for layer in REFERENCE_LAYERS})
 
 
-def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The text decoder layers of `model` (stock, subclassed, PEFT-, DeepSpeed- or FSDP-wrapped), by `layer_idx`.
+def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The softmax-attention text decoder layers of `model` (stock, subclassed, PEFT-, DeepSpeed- or FSDP-wrapped),
+    keyed by the model's own layer index.
 
-    A decoder layer is a module with `self_attn.layer_idx` and an `input_layernorm`; vision blocks have
-    neither, so the vision tower is never hooked.
+    A decoder layer is a module with `self_attn.layer_idx` and an `input_layernorm`; vision blocks have neither,
+    so the vision tower is never hooked, and the linear-attention layers of a hybrid model (Qwen3.5) have no
+    `self_attn`, so only its softmax-attention layers are returned.
     """
     layers = {}
     for module in model.modules():
@@ -69,18 +74,30 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
             layers[attn.layer_idx] = module
     if not layers:
         raise ValueError(f"no text decoder layers found in {type(model).__name__}")
-    return [layers[i] for i in sorted(layers)]
+    return dict(sorted(layers.items()))
 
 
-def pre_rope_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The modules whose outputs are the query and key states right before RoPE.
+def supervised_layers(model: nn.Module, layers: Sequence[int] | None = None) -> list[int]:
+    """The layer indices to supervise: `layers` checked against the model, or the default rule.
 
-    Per-head norms (`q_norm`/`k_norm`, Qwen3) are applied after the projections, so they are the capture point
-    when present; otherwise the projections are. Their outputs are `[B, L, heads * d]` or `[B, L, heads, d]`.
+    Default: the official relative depths (`default_supervised_layers`) over the softmax-attention layers; for a
+    hybrid model, over those layers only (then mapped back to the model's own indices).
     """
-    if hasattr(attn, "q_norm") and hasattr(attn, "k_norm"):
-        return attn.q_norm, attn.k_norm
-    return attn.q_proj, attn.k_proj
+    attention_layers = list(find_decoder_layers(model))
+    if layers is None:
+        return [attention_layers[i] for i in default_supervised_layers(len(attention_layers))]
+    bad = [i for i in layers if i not in attention_layers]
+    if bad:
+        raise ValueError(
+            f"supervised layers {bad} are not softmax-attention decoder layers of this model "
+            f"(those are {_ranges(attention_layers)})"
+        )
+    return list(layers)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    contiguous = list(indices) == list(range(indices[0], indices[-1] + 1))
+    return f"{indices[0]}..{indices[-1]}" if contiguous and len(indices) > 3 else str(list(indices))
 
 
 def video_token_positions(input_ids: torch.Tensor, video_token_id: int) -> torch.Tensor:
@@ -105,8 +122,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, heads, n, d]`, cos/sin `[B, n, d]` (Qwen2.5-VL's recomposed M-RoPE tables)."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    """x `[B, heads, n, d]`, cos/sin `[B, n, r]` (the model's recomposed M-RoPE tables), r <= d: partial rotary
+    (Qwen3.5) rotates the first r dimensions and passes the rest through, as transformers does."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    rotated, passed = x[..., :r], x[..., r:]
+    return torch.cat((rotated * cos[:, None] + _rotate_half(rotated) * sin[:, None], passed), dim=-1)
 
 
 def attention_from_qk(
@@ -117,17 +139,19 @@ def attention_from_qk(
     query_positions: torch.Tensor,
     key_mask: torch.Tensor,
     scaling: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Float32 attention probabilities of selected query rows over the keys before them (parameter-free).
 
     query: `[B, n, heads, d]` pre-RoPE query states of the rows; key: `[B, Lk, kv_heads, d]` pre-RoPE keys of
-    positions `0..Lk-1`; cos, sin: `[B, Lk, d]`; query_positions: Long `[B, n]`, each `< Lk`; key_mask: Bool
-    `[B, Lk]` (False at padding). Returns `[B, heads, n, Lk]`: each row is a causal softmax over the keys `<=` its
-    position that are not padding, and sums to 1.
+    positions `0..Lk-1`; cos, sin: `[B, Lk, r]` (r <= d); query_positions: Long `[B, n]`, each `< Lk`; key_mask:
+    Bool `[B, Lk]` (False at padding); sliding_window: keys `window` or more positions back are masked.
+    Returns `[B, heads, n, Lk]`: each row is a causal softmax over the keys `<=` its position that are not
+    padding (nor outside the window), and sums to 1.
     """
     b, n, heads, d = query.shape
     length, kv_heads = key.shape[1], key.shape[2]
-    index = query_positions[..., None].expand(-1, -1, d)
+    index = query_positions[..., None].expand(-1, -1, cos.shape[-1])
     q = _rope(query.transpose(1, 2), cos.gather(1, index), sin.gather(1, index)).float()  # [B, H, n, d]
     k = _rope(key.transpose(1, 2), cos, sin).float()  # [B, KV, Lk, d]
     # GQA without materialising repeated keys: group the query heads of each key/value head.
@@ -135,6 +159,8 @@ def attention_from_qk(
     scores = torch.matmul(q, k.transpose(-1, -2)).view(b, heads, n, length) * scaling
     keys = torch.arange(length, device=query.device)
     allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
+    if sliding_window is not None:
+        allowed &= keys > query_positions[..., None] - sliding_window
     allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1)
@@ -167,20 +193,17 @@ class AttentionProbe:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[int] | None = None, checkpoint_recompute: bool = True
+        self,
+        model: nn.Module,
+        layers: Sequence[int] | None = None,
+        checkpoint_recompute: bool = True,
+        family: FamilySpec | None = None,
     ):
+        self.family = family or family_of(model)
+        self.layers = supervised_layers(model, layers)
         decoder_layers = find_decoder_layers(model)
-        self.layers = list(layers) if layers is not None else default_supervised_layers(len(decoder_layers))
-        bad = [i for i in self.layers if not 0 <= i < len(decoder_layers)]
-        if bad:
-            raise ValueError(f"supervised layers {bad} out of range for a {len(decoder_layers)}-layer model")
         self.checkpoint_recompute = checkpoint_recompute
         self._modules = [decoder_layers[i] for i in self.layers]
-        for index, module in zip(self.layers, self._modules):
-            if getattr(module.self_attn, "sliding_window", None) is not None:
-                raise NotImplementedError(
-                    f"decoder layer {index} uses sliding-window attention, which the capture does not model"
-                )
         self._captured: dict[int, _LayerCapture] = {}
         self._active = False
         self._query_positions: torch.Tensor | None = None
@@ -190,7 +213,7 @@ class AttentionProbe:
         self._handles = []
         for slot, module in enumerate(self._modules):
             attn = module.self_attn
-            q_module, k_module = pre_rope_modules(attn)
+            q_module, k_module = self.family.pre_rope_modules(attn)
             self._handles += [
                 attn.register_forward_pre_hook(self._rotary_hook(slot), with_kwargs=True),
                 q_module.register_forward_hook(self._state_hook(slot, attn.head_dim, "query")),
@@ -371,7 +394,10 @@ class AttentionProbe:
                 (t if all_samples else t[sample_slot]) for t in (record.key, record.cos, record.sin)
             )
             length = key.shape[1]
-            out.append((module, query, key, cos, sin, rows, key_mask[:, :length], module.self_attn.scaling))
+            window = getattr(module.self_attn, "sliding_window", None)
+            out.append(
+                (module, query, key, cos, sin, rows, key_mask[:, :length], module.self_attn.scaling, window)
+            )
         return out, valid
 
     def rows(
@@ -388,8 +414,8 @@ class AttentionProbe:
         """
         layers, valid = self._layer_inputs(query_positions, attention_mask, batch_index)
         out = []
-        for _, query, key, cos, sin, rows, key_mask, scaling in layers:
-            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling)
+        for _, query, key, cos, sin, rows, key_mask, scaling, window in layers:
+            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling, window)
             probs = torch.nn.functional.pad(probs, (0, self._full_length - key.shape[1]))
             out.append(probs * valid[:, None, :, None])
         return torch.stack(out)
@@ -414,8 +440,10 @@ class AttentionProbe:
         v_pos = video_positions.clamp(min=0)
         keep = q_valid[:, :, None] & k_valid[:, None, :]
 
-        def per_layer(query, key, cos, sin, rows, key_mask, scaling):
-            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling).mean(1)  # [B, n, Lk]
+        def per_layer(query, key, cos, sin, rows, key_mask, scaling, window):
+            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling, window).mean(
+                1
+            )  # [B, n, Lk]
             # video tokens after the last captured row are causally invisible: probability 0
             probs = torch.nn.functional.pad(probs, (0, self._full_length - key.shape[1]))
             return probs.gather(2, v_pos[:, None, :].expand(-1, probs.shape[1], -1)) * keep

@@ -1,8 +1,11 @@
-"""Qwen2.5-VL whose forward also takes the grounding targets and returns `loss`, `loss_text`, `loss_attn`.
+"""SWIM model classes: a stock Qwen VL class whose forward also takes the grounding targets and returns `loss`,
+`loss_text`, `loss_attn`.
 
-No new parameters and no changed modules: it is the stock class plus an `AttentionProbe` (forward hooks inside
-the supervised decoder layers' attention). It loads stock checkpoints and saves plain Qwen2.5-VL checkpoints
-(`architectures: ["Qwen2_5_VLForConditionalGeneration"]`) that every tool loads with the stock class.
+No new parameters and no changed modules: `SwimGroundingMixin` adds an `AttentionProbe` (forward hooks inside the
+supervised decoder layers' attention) to the family's stock class. `swim_model_class(config)` builds the class
+for any supported family (`swim.modeling.families`); it loads stock checkpoints and saves plain ones
+(`architectures` names the stock class) that every tool loads with the stock class.
+`SwimQwen2_5_VLForConditionalGeneration` is the Qwen2.5-VL one under a fixed name.
 
 Note: TRL's `SFTTrainer` never calls this forward (it calls the backbone with a fused LM head);
 `swim.trainer.SwimSFTTrainer` computes the same objective through `compute_loss` with the same code.
@@ -10,8 +13,10 @@ Note: TRL's `SFTTrainer` never calls this forward (it calls the backbone with a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +28,8 @@ from transformers.conversion_mapping import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swim.modeling.capture import AttentionProbe
+from swim.modeling.families import family_of
 from swim.modeling.objective import GroundingConfig, grounding_loss, has_queries, supervised_rows
-
-STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 
 
 @dataclass
@@ -36,11 +40,17 @@ class SwimCausalLMOutput(CausalLMOutputWithPast):
     loss_attn: torch.FloatTensor | None = None
 
 
-class SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class SwimGroundingMixin:
+    """Put before a stock Qwen VL class: `forward(grounding=...)` adds the attention loss; saves as the stock class."""
+
     def __init__(self, config, grounding_config: GroundingConfig | None = None):
         super().__init__(config)
         self.grounding_config = grounding_config or GroundingConfig()
         self._probe: AttentionProbe | None = None
+
+    @property
+    def stock_architecture(self) -> str:
+        return family_of(self.config).stock_class(self.config).__name__
 
     def configure_grounding(self, grounding_config: GroundingConfig) -> None:
         """Set the loss settings (and supervised layers) used by `forward(grounding=...)`."""
@@ -82,26 +92,61 @@ class SwimQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         return SwimCausalLMOutput(**{**outputs, "loss": loss}, loss_text=loss_text, loss_attn=loss_attn)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as a plain Qwen2.5-VL checkpoint (the stock class name in `config.json`)."""
+        """Save as a plain checkpoint of the stock class (its name in `config.json`)."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        stock = self.stock_architecture
         config_path = os.path.join(save_directory, "config.json")
         if os.path.exists(config_path):
             with open(config_path) as f:
                 config = json.load(f)
-            config["architectures"] = [STOCK_ARCHITECTURE]
+            config["architectures"] = [stock]
             with open(config_path, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
                 f.write("\n")
-        self.config.architectures = [STOCK_ARCHITECTURE]
+        self.config.architectures = [stock]
 
 
-# Checkpoints use Qwen's legacy key layout, converted on load by a mapping looked up by class name; classes
-# defined outside transformers need it registered (platform notes §7, gotcha 2).
-register_checkpoint_conversion_mapping(
-    SwimQwen2_5_VLForConditionalGeneration.__name__,
-    get_checkpoint_conversion_mapping(STOCK_ARCHITECTURE),
-    overwrite=True,
-)
+def _register_conversion(swim_class: type, stock_class: type) -> None:
+    """Checkpoints of some families use a legacy key layout converted on load by a mapping looked up by class
+    name; a class defined outside transformers needs it registered (platform notes §7, gotcha 2)."""
+    mapping = get_checkpoint_conversion_mapping(stock_class.__name__)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(swim_class.__name__, mapping, overwrite=True)
+
+
+class SwimQwen2_5_VLForConditionalGeneration(SwimGroundingMixin, Qwen2_5_VLForConditionalGeneration):
+    pass
+
+
+_register_conversion(SwimQwen2_5_VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+
+
+@functools.cache
+def _swim_class(stock_class: type) -> type:
+    if stock_class is Qwen2_5_VLForConditionalGeneration:
+        return SwimQwen2_5_VLForConditionalGeneration
+    cls = type(f"Swim{stock_class.__name__}", (SwimGroundingMixin, stock_class), {"__module__": __name__})
+    setattr(sys.modules[__name__], cls.__name__, cls)  # importable by name (pickling, `from ... import`)
+    _register_conversion(cls, stock_class)
+    return cls
+
+
+def swim_model_class(config_or_path) -> type:
+    """The SWIM class of a checkpoint's family: `swim_model_class(path).from_pretrained(path)`."""
+    if isinstance(config_or_path, str | os.PathLike):
+        from transformers import AutoConfig
+
+        config_or_path = AutoConfig.from_pretrained(config_or_path)
+    return _swim_class(family_of(config_or_path).stock_class(config_or_path))
+
+
+def stock_model_class(config_or_path) -> type:
+    """The stock transformers class of a checkpoint (what evaluation and inference load)."""
+    if isinstance(config_or_path, str | os.PathLike):
+        from transformers import AutoConfig
+
+        config_or_path = AutoConfig.from_pretrained(config_or_path)
+    return family_of(config_or_path).stock_class(config_or_path)
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:

@@ -3,8 +3,8 @@
 TRL 1.16 computes the text loss by calling the backbone with a fused LM head, never the model's own forward
 (platform notes §7), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks the
 supervised layers' attention; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
-`probe.capture(rows)`, and adds `attn_weight · L_attn` computed by the same code as
-`SwimQwen2_5_VLForConditionalGeneration.forward`.
+`probe.capture(rows)`, and adds `attn_weight · L_attn` computed by the same code as the SWIM model classes'
+forward (`swim.modeling.model`). Any supported family (`swim.modeling.families`) trains the same way.
 
 Distributed training (DDP, DeepSpeed ZeRO-3, FSDP2) with batches that mix samples with and without masks:
 - the capture touches no parameter outside its module's forward, so a rank without masks issues exactly the
@@ -22,11 +22,10 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 from trl import SFTTrainer
 
 from swim.modeling.capture import AttentionProbe
-from swim.modeling.model import freeze_vision_tower
+from swim.modeling.model import freeze_vision_tower, stock_model_class
 from swim.modeling.objective import grounding_loss, has_queries, supervised_pair_count, supervised_rows
 from swim.trainer.config import SwimSFTConfig
 
@@ -116,9 +115,9 @@ class SwimSFTTrainer(SFTTrainer):
         return token_normalised or self.compute_loss_func is not None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Resume the weights through `from_pretrained`, which converts Qwen2.5-VL's checkpoint key layout.
+        """Resume the weights through `from_pretrained`, which converts the checkpoint key layout.
 
-        transformers' Trainer loads a checkpoint's raw keys with `strict=False`; Qwen2.5-VL saves the legacy
+        transformers' Trainer loads a checkpoint's raw keys with `strict=False`; Qwen2/2.5-VL save a legacy
         layout (`model.layers.*`, `visual.*`) that only `from_pretrained` maps back, so a plain resume would load
         nothing and silently continue from the *initial* weights (caught by tests/test_train_entry.py). DeepSpeed,
         FSDP and PEFT checkpoints keep their own loaders.
@@ -127,7 +126,7 @@ class SwimSFTTrainer(SFTTrainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         param = next(model.parameters())
-        saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(resume_from_checkpoint, dtype=param.dtype)
+        saved = stock_model_class(model.config).from_pretrained(resume_from_checkpoint, dtype=param.dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
         logger.info("resumed the weights of %s", resume_from_checkpoint)
 

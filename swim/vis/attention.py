@@ -121,24 +121,23 @@ def unpatchify(pixel_values: torch.Tensor, grid_thw, settings) -> np.ndarray:
 
     Overlays are drawn on exactly the pixels the model saw (same frames, same resize), with no second decode.
     """
-    from swim.data.video import QWEN_MEAN, QWEN_STD
-
     t, h, w = (int(v) for v in grid_thw)
     p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
     x = pixel_values.float().reshape(t, h // m, w // m, m, m, 3, tp, p, p)
     x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, 3, h * p, w * p)
-    mean = torch.tensor(QWEN_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(QWEN_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(settings.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(settings.image_std).view(1, 3, 1, 1)
     frames = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
     return frames.permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
 def attention_on_video(
-    model, batch: dict, rows: torch.Tensor, layers: list[int], settings
+    model, batch: dict, rows: torch.Tensor, layers: list[int] | None, settings
 ) -> dict[str, np.ndarray]:
     """Head-mean attention of `rows` (Long `[n]`, averaged) of a one-sample `batch` on its single video,
-    renormalised per temporal group: name ("layer L", "fused") -> `[G, h/2, w/2]`."""
+    renormalised per temporal group: name ("layer L", "fused") -> `[G, h/2, w/2]`. `layers`: None for the
+    model's default supervised layers."""
     from swim.modeling.capture import AttentionProbe, video_token_positions
     from swim.modeling.losses import group_normalize
 
@@ -146,6 +145,7 @@ def attention_on_video(
     m = settings.merge_size
     grid = (t, h // m, w // m)
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
+    layers = probe.layers
     try:
         with probe.capture(rows[None]):
             model(**batch, use_cache=False, logits_to_keep=1)
@@ -186,13 +186,14 @@ def record_maps(model, dataset, index: int, layers: list[int], query_offset: int
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
     from swim.data.tags import SWIM_SYSTEM_PROMPT
-    from swim.data.video import VideoSettings
-    from swim.modeling.capture import default_supervised_layers
+    from swim.modeling.capture import supervised_layers
+    from swim.modeling.families import family_of
+    from swim.modeling.model import stock_model_class
 
     parser = argparse.ArgumentParser(prog="swim vis", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--layers", type=int, nargs="+")
     parser.add_argument("--query-offset", type=int, default=0, choices=[0, -1])
     parser.add_argument("--num-frames", type=int, default=32)
-    parser.add_argument("--max-pixels", type=int, default=768 * 28 * 28)
+    parser.add_argument("--max-pixels", type=int, help="default: the model family's (768 merged tokens)")
     parser.add_argument("--gif", action="store_true")
     parser.add_argument(
         "--system-prompt", default=SWIM_SYSTEM_PROMPT, help="as in training (default: SWIM's)"
@@ -212,13 +213,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     records, _ = load_records(args.data, data_root=args.data_root)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    settings = VideoSettings(
-        num_frames=args.num_frames, max_frames=args.num_frames, max_pixels=args.max_pixels
-    )
+    family = family_of(args.model)
+    settings = family.video_settings(num_frames=args.num_frames, max_frames=args.num_frames,
+                                     max_pixels=args.max_pixels)  # fmt: skip
     dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, strict=True,
-                          system_prompt=args.system_prompt)  # fmt: skip
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model).eval()
-    layers = args.layers or default_supervised_layers(model.config.text_config.num_hidden_layers)
+                          system_prompt=args.system_prompt, family=family)  # fmt: skip
+    model = stock_model_class(args.model).from_pretrained(args.model).eval()
+    layers = supervised_layers(model, args.layers)
     written = []
     for index in args.index:
         maps = record_maps(model, dataset, index, layers, args.query_offset)
