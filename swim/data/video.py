@@ -1,4 +1,4 @@
-"""Video reading, frame selection, resizing and Qwen2.5-VL patchify, without torchvision.
+"""Video reading, frame selection, resizing and Qwen VL patchify (any family's geometry), without torchvision.
 
 `load_video` is the one call the dataset needs: probe -> select frames -> decode -> smart_resize (with the
 qwen-vl-utils per-frame pixel budget) -> bicubic resize -> patchify. The output equals what

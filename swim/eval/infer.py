@@ -1,4 +1,4 @@
-"""Answer one question about one video with a (SWIM or stock) Qwen2.5-VL checkpoint.
+"""Answer one question about one video with a (SWIM or stock) checkpoint of any supported Qwen VL family.
 
     swim infer --model CKPT --video clip.mp4 --question "What is the man in the red shirt holding?"
 

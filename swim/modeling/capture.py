@@ -6,9 +6,10 @@ Design: *capture q and k inside the forward, finish the softmax outside it* (doc
   tables `(cos, sin)`.
 - Forward hooks on the modules that produce the **pre-RoPE query and key states** keep their outputs: the per-head
   norms `q_norm` / `k_norm` where the family has them (Qwen3-VL, Qwen3.5, whose gated `q_proj` also emits the
-  output gate), otherwise `q_proj` / `k_proj` (Qwen2-VL, Qwen2.5-VL); `swim.modeling.families` says which. The query hook keeps only the rows to be supervised (`capture(query_positions=...)`:
-  the collator knows them before the forward) of the samples that have any; the key hook keeps keys up to the
-  last such row (later keys are causally masked anyway).
+  output gate), otherwise `q_proj` / `k_proj` (Qwen2-VL, Qwen2.5-VL); `swim.modeling.families` says which.
+  The query hook keeps only the rows to be supervised (`capture(query_positions=...)`: the collator knows them
+  before the forward) of the samples that have any; the key hook keeps keys up to the last such row (later keys
+  are causally masked anyway).
 - After the forward only parameter-free work is left: RoPE with the captured tables (partial rotary where the
   tables are narrower than a head), a float32 GQA score, the causal + padding (+ sliding-window) softmax, the
   gather of the visual columns. Under activation checkpointing that part runs under
@@ -475,7 +476,7 @@ def attention_maps(
 ) -> torch.Tensor:
     """Attention probabilities of chosen decoder layers and query rows over all keys.
 
-    model: a (stock) Qwen2.5-VL model; inputs: its forward inputs (`input_ids`, `attention_mask`,
+    model: a (stock) model of a supported family; inputs: its forward inputs (`input_ids`, `attention_mask`,
     `pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`, `mm_token_type_ids`, ...); layers: decoder
     layer indices; query_positions: Long `[B, n]`. Returns float32 `[len(layers), B, heads, n, seq_len]`, rows
     summing to 1 (causal + padding mask), equal to the `output_attentions=True` weights of an eager model.
