@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 QWEN_TOKENIZER := .cache/qwen25vl-tokenizer
 QWEN_TOKENIZER_STAMP := $(QWEN_TOKENIZER)/.built
 
-.PHONY: setup real-tokenizer test lint format demo clean
+.PHONY: setup real-tokenizer test lint format demo demo-seeds clean
 
 setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
@@ -46,6 +46,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --out runs/demo
+
+# The demo once per seed (not part of `make demo` or the suite): about 7 minutes per seed on 2 cores.
+demo-seeds: setup
+	$(BIN)/swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -38,18 +39,33 @@ def test_record_maps_and_overlays(tiny_ckpt, tmp_path):
     assert Image.open(gif).n_frames == 4
 
 
-def test_demo_writes_report_and_figures(tmp_path, monkeypatch):
+def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
+    """Two seeds of the whole demo at toy size: per-seed reports (both held-out splits) and the seeds summary."""
     monkeypatch.chdir(ROOT)
-    report = demo_main(["--config", "recipes/demo.yaml", "--out", str(tmp_path / "demo"), "--max-steps", "2",
-                        "--num-train", "8", "--num-val", "4"])  # fmt: skip
+    summary = demo_main(["--config", "recipes/demo.yaml", "--out", str(tmp_path / "demo"), "--max-steps", "2",
+                         "--num-train", "8", "--num-val", "4", "--num-shifted-val", "3", "--seeds", "0", "1"])  # fmt: skip
     out = tmp_path / "demo"
-    saved = json.loads((out / "report.json").read_text())
-    for run in ("baseline", "swim"):
-        assert {"pointing_game", "mask_mass", "text_loss"} <= set(saved[run])
-        assert 0 <= saved[run]["pointing_game"] <= 1
-    assert 0 < saved["chance"] < 1 and 0 < saved["chance_colour_only"] <= 1 and saved["seconds"] > 0
-    assert saved["steps"] == 2 and report["verdict"] in (out / "report.md").read_text()
-    assert (out / "loss_curves.png").exists() and len(list((out / "overlays").glob("*.png"))) == 4
+    for seed in (0, 1):
+        saved = json.loads((out / f"seed_{seed}" / "report.json").read_text())
+        assert saved["seed"] == seed and set(saved["splits"]) == {"val", "val_shifted"}
+        for split in saved["splits"].values():
+            for run in ("baseline", "swim"):
+                assert {"pointing_game", "mask_mass", "text_loss"} <= set(split[run])
+                assert 0 <= split[run]["pointing_game"] <= 1
+            assert 0 < split["chance"] < 1 and 0 < split["chance_colour_only"] <= 1
+        assert saved["splits"]["val_shifted"]["records"] == 3 and saved["steps"] == 2
+        text = (out / f"seed_{seed}" / "report.md").read_text()
+        assert saved["verdict"] in text and "held-out, shifted" in text
+        overlays = sorted(p.name for p in (out / f"seed_{seed}" / "overlays").glob("*.png"))
+        assert len(overlays) == 6 and overlays[0].startswith("val_00000")
+        assert (out / f"seed_{seed}" / "loss_curves.png").exists()
+    # the summary: one row per seed, mean ± std, paired gaps, per-seed chance levels
+    assert summary["seeds"] == [0, 1] and len(summary["values"]["SWIM − NTP"]) == 2
+    table = (out / "report.md").read_text()
+    assert "| 0 |" in table and "| 1 |" in table and "mean ± std" in table and "shifted: colour-only" in table
+    values = summary["values"]
+    gap = [s - b for s, b in zip(values["SWIM"], values["NTP-only"])]
+    assert values["SWIM − NTP"] == pytest.approx(gap)
 
 
 def test_unpatchify_inverts_patchify():

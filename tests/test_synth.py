@@ -160,3 +160,29 @@ def test_cli(tmp_path):
 def test_config_rejects_impossible_motion():
     with pytest.raises(ValueError, match="travel"):
         SynthConfig(size=56, frames=16, speed=4)
+
+
+def test_shifted_split_changes_the_drawing_not_the_training_split(synth_dir, tmp_path):
+    shifted = replace(CFG, size=160, height=96, frames=12, fps=6.0, object_size=24, min_distractors=2,
+                      max_distractors=4, min_visible=0.3, annotated_fraction=0.5, templates="shifted")  # fmt: skip
+    generate(tmp_path, shifted, seed=3, counts={"val_shifted": 6})
+    records = _load(tmp_path, "val_shifted")
+    for r in records:
+        assert (r["height"], r["width"]) == (96, 160) and 3 <= len(r["scene"]) <= 5
+        frames = sorted(int(f) for f in r["annotation"][0])
+        assert len(frames) <= 6 and all(0 <= f < 12 for f in frames)  # masks on half of the 12 frames at most
+        mask = decode_segmentation(r["annotation"][0][str(frames[0])]["segmentation"])
+        assert mask.shape == (96, 160) and mask.any()
+        question = r["conversations"][0]["value"].split("\n")[0]
+        assert not any(
+            question.startswith(t.split("{")[0])
+            for t in ("Describe the {", "What does the {", "How does the {", "Which way does the {")
+        )
+    frames = read_frames(tmp_path / records[0]["video"], [0, 11])
+    assert frames.shape == (2, 96, 160, 3)
+    # the training distribution is untouched by the new knobs: still byte-identical to a fresh generation
+    again = tmp_path / "again"
+    generate(again, CFG, seed=3, counts=COUNTS)
+    assert (again / "train.json").read_bytes() == (synth_dir / "train.json").read_bytes()
+    with pytest.raises(ValueError, match="templates must be one of"):
+        replace(CFG, templates="other")

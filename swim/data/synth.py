@@ -16,6 +16,12 @@ Each object's `(colour, shape)` is unique within a video, so "the red circle" is
 distractors of the same shape or the same colour make one attribute alone insufficient (demo_feasibility.md).
 Every video is generated from its own RNG seeded by (seed, split, index): the output is byte-identical for a
 given seed and independent of generation order.
+
+A *shifted* held-out split (`val_shifted`) is the same task drawn differently, to see whether grounding learned
+on the training distribution transfers: any `SynthConfig` knob can change for it — non-square frames (`height`),
+more frames at another fps, more objects, more occlusion (`min_visible`), masks on only some frames
+(`annotated_fraction`), and sentence templates never seen in training (`templates: shifted`). The demo's
+`recipes/demo.yaml` fixes one such shift.
 """
 
 from __future__ import annotations
@@ -48,12 +54,14 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 EDGE = {"left": "the left edge", "right": "the right edge", "up": "the top edge", "down": "the bottom edge"}
-SPLIT_IDS = {"train": 0, "val": 1, "bench_q": 2, "bench_d": 3}
+SPLIT_IDS = {"train": 0, "val": 1, "bench_q": 2, "bench_d": 3, "val_shifted": 4}
+REFER_SPLITS = ("train", "val", "val_shifted")
 
 
 @dataclass
 class SynthConfig:
-    size: int = 112  # frame side, pixels (even: yuv420p)
+    size: int = 112  # frame width (and height unless `height` is set), pixels (even: yuv420p)
+    height: int | None = None  # frame height for non-square frames (even)
     frames: int = 8
     fps: float = 2.0  # 8 frames at 2 fps -> second_per_grid_ts = 1.0 when all frames are sampled
     object_size: int = 22  # bounding-box side, pixels
@@ -66,14 +74,20 @@ class SynthConfig:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
     min_visible: float = 0.5  # every object keeps at least this fraction of its area visible in every frame
     qa_fraction: float = 0.25  # share of train/val records that are multiple-choice questions
+    annotated_fraction: float = 1.0  # share of the frames whose masks are written (at least two per object)
+    templates: str = "train"  # sentence templates: "train", or "shifted" (never used in training)
     codec: str = "libx264"
     crf: int = 18
     bench_q_frame_folders: bool = False  # write Bench-Q videos as JPEG folders (like DAVIS)
     placement_tries: int = 50
 
     def __post_init__(self) -> None:
-        if self.size % 2:
-            raise ValueError(f"size must be even for yuv420p, got {self.size}")
+        if self.size % 2 or self.frame_height % 2:
+            raise ValueError(f"frame sides must be even for yuv420p, got {self.frame_height}x{self.size}")
+        if self.templates not in TEMPLATES:
+            raise ValueError(f"templates must be one of {sorted(TEMPLATES)}, got {self.templates!r}")
+        if not 0 < self.annotated_fraction <= 1:
+            raise ValueError(f"annotated_fraction must be in (0, 1], got {self.annotated_fraction}")
         unknown = [c for c in self.colours if c not in PALETTE]
         if unknown:
             raise ValueError(f"unknown colours {unknown}; known: {sorted(PALETTE)}")
@@ -83,8 +97,14 @@ class SynthConfig:
         if len(self.shapes) < 2 or len(self.colours) < 2:
             raise ValueError("need at least two shapes and two colours for distractors")
         travel = self.speed * (self.frames - 1) + self.object_size
-        if travel > self.size:
-            raise ValueError(f"objects travel {travel:.0f} px, more than the {self.size} px frame")
+        if travel > min(self.size, self.frame_height):
+            raise ValueError(
+                f"objects travel {travel:.0f} px, more than the {self.frame_height}x{self.size} frame"
+            )
+
+    @property
+    def frame_height(self) -> int:
+        return self.height if self.height is not None else self.size
 
 
 @dataclass
@@ -112,11 +132,12 @@ class SceneObject:
 # Rendering
 
 
-def shape_mask(shape: str, x: float, y: float, side: int, size: int) -> np.ndarray:
-    """bool [size, size]: pixels whose centre lies inside the shape with bounding box (x, y, side, side)."""
-    out = np.zeros((size, size), bool)
+def shape_mask(shape: str, x: float, y: float, side: int, size: int, height: int | None = None) -> np.ndarray:
+    """bool [height, size]: pixels whose centre lies inside the shape with bounding box (x, y, side, side)."""
+    height = size if height is None else height
+    out = np.zeros((height, size), bool)
     x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))  # only the box's pixels need testing
-    x1, y1 = min(size, math.ceil(x + side) + 1), min(size, math.ceil(y + side) + 1)
+    x1, y1 = min(size, math.ceil(x + side) + 1), min(height, math.ceil(y + side) + 1)
     if x0 >= x1 or y0 >= y1:
         return out
     yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
@@ -137,14 +158,16 @@ def shape_mask(shape: str, x: float, y: float, side: int, size: int) -> np.ndarr
 
 def render(objects: list[SceneObject], cfg: SynthConfig) -> np.ndarray:
     """Draw objects in list order (later ones on top) -> uint8 [T, S, S, 3]; sets each object's visible masks."""
-    video = np.zeros((cfg.frames, cfg.size, cfg.size, 3), np.uint8)
+    video = np.zeros((cfg.frames, cfg.frame_height, cfg.size, 3), np.uint8)
     for obj in objects:
         obj.masks = []
     for t in range(cfg.frames):
-        covered = np.zeros((cfg.size, cfg.size), bool)
+        covered = np.zeros((cfg.frame_height, cfg.size), bool)
         visible = []
         for obj in reversed(objects):  # top-most first, so each mask excludes what covers it
-            m = shape_mask(obj.shape, *obj.position(t, cfg.speed), cfg.object_size, cfg.size)
+            m = shape_mask(
+                obj.shape, *obj.position(t, cfg.speed), cfg.object_size, cfg.size, cfg.frame_height
+            )
             visible.append(m & ~covered)
             covered |= m
         for obj, m in zip(objects, reversed(visible), strict=True):
@@ -192,9 +215,9 @@ def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[Scene
         for shape, colour in attributes:
             direction = _pick(rng, list(DIRECTIONS))
             dx, dy = DIRECTIONS[direction]
-            span = cfg.size - cfg.object_size
-            x_lo, x_hi = max(0.0, -dx * travel), span - max(0.0, dx * travel)
-            y_lo, y_hi = max(0.0, -dy * travel), span - max(0.0, dy * travel)
+            span_x, span_y = cfg.size - cfg.object_size, cfg.frame_height - cfg.object_size
+            x_lo, x_hi = max(0.0, -dx * travel), span_x - max(0.0, dx * travel)
+            y_lo, y_hi = max(0.0, -dy * travel), span_y - max(0.0, dy * travel)
             x0, y0 = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
             objects.append(SceneObject(shape, colour, direction, round(x0, 2), round(y0, 2)))
         order = rng.permutation(len(objects))
@@ -210,24 +233,43 @@ def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[Scene
 # Records
 
 MOVES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
-DESCRIBE_TEMPLATES = (
-    "Describe the {ref}.",
-    "What does the {ref} do in the video?",
-    "How does the {ref} move?",
-)
+# (description templates, multiple-choice question) per template set; "shifted" is never used in training
+TEMPLATES = {
+    "train": (
+        ("Describe the {ref}.", "What does the {ref} do in the video?", "How does the {ref} move?"),
+        "Which way does the {ref} move?",
+    ),
+    "shifted": (
+        ("Tell me where the {ref} is going.", "Follow the {ref}: what happens to it?", "Watch the {ref}."),
+        "In which direction is the {ref} heading?",
+    ),
+}
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
-def annotation_of(obj: SceneObject) -> dict[str, dict]:
-    """Frame-index string -> {"segmentation": compressed RLE}, for the frames where the object is visible."""
-    return {str(t): {"segmentation": encode_mask(m)} for t, m in enumerate(obj.masks) if m.any()}
+def annotation_of(obj: SceneObject, frames: set[int] | None = None) -> dict[str, dict]:
+    """Frame-index string -> {"segmentation": compressed RLE}, for the frames (all, or `frames`) where the object
+    is visible."""
+    return {
+        str(t): {"segmentation": encode_mask(m)}
+        for t, m in enumerate(obj.masks)
+        if m.any() and (frames is None or t in frames)
+    }
+
+
+def annotated_frames(rng: np.random.Generator, cfg: SynthConfig) -> set[int] | None:
+    """The frames whose masks are written: all (None), or a random `annotated_fraction` of them (at least two)."""
+    if cfg.annotated_fraction >= 1:
+        return None
+    n = max(2, round(cfg.annotated_fraction * cfg.frames))
+    return {int(t) for t in rng.choice(cfg.frames, size=n, replace=False)}
 
 
 def region_name(obj: SceneObject, t: int, cfg: SynthConfig) -> str:
     """Coarse 3x3 location of the object's centre at frame t ("top left", "centre", ...)."""
     x, y = obj.position(t, cfg.speed)
     col = ("left", "centre", "right")[min(2, int(3 * (x + cfg.object_size / 2) / cfg.size))]
-    row = ("top", "middle", "bottom")[min(2, int(3 * (y + cfg.object_size / 2) / cfg.size))]
+    row = ("top", "middle", "bottom")[min(2, int(3 * (y + cfg.object_size / 2) / cfg.frame_height))]
     return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"
 
 
@@ -320,24 +362,28 @@ def refer_record(
 ) -> dict:
     """NL-Refer-style training record: a description, or with p=qa_fraction a multiple-choice question."""
     a = objects[0]
+    describe, ask = TEMPLATES[cfg.templates]
+    frames = annotated_frames(rng, cfg)
     if rng.random() < cfg.qa_fraction:
         options, answer = _direction_choice(rng, a, {d: m.capitalize() for d, m in MOVES.items()})
-        question = "\n".join([f"Which way does the {a.tagged()} move?", *options, MC_SUFFIX])
+        question = "\n".join([ask.format(ref=a.tagged()), *options, MC_SUFFIX])
         index = f"synth_qa_{index}"
     else:
-        question = _pick(rng, DESCRIBE_TEMPLATES).format(ref=a.tagged())
+        question = _pick(rng, describe).format(ref=a.tagged())
         answer = f"The {a.name} moves {MOVES[a.direction]}."
         index = f"synth_caption_{index}"
     return {
         "video": video,
         "index": index,
         "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-        "annotation": [annotation_of(a)],
-        "height": cfg.size,
+        "annotation": [annotation_of(a, frames)],
+        "height": cfg.frame_height,
         "width": cfg.size,
         # every object of the scene, the referred one first: lets the demo measure shortcut baselines
         # (e.g. "find the named colour") against the same masks; readers ignore this key
-        "scene": [{"colour": o.colour, "shape": o.shape, "annotation": annotation_of(o)} for o in objects],
+        "scene": [
+            {"colour": o.colour, "shape": o.shape, "annotation": annotation_of(o, frames)} for o in objects
+        ],
     }
 
 
@@ -366,7 +412,7 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int, cfg: SynthC
             rel = f"videos/{name}.mp4"
             write_video(out_dir / rel, video, cfg.fps, cfg.codec, cfg.crf if cfg.codec == "libx264" else None)
         mid = str(cfg.frames // 2)
-        if split in ("train", "val"):
+        if split in REFER_SPLITS:
             records.append(refer_record(rng, objects, rel, name, cfg))
         elif split == "bench_q":
             kind = BENCH_Q_TYPES[i % len(BENCH_Q_TYPES)]
@@ -432,6 +478,8 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, nargs="+", default=list(f.default))
+        elif f.default is None:  # the optional integers (height)
+            parser.add_argument(flag, type=int, default=None)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     return parser
