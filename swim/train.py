@@ -32,6 +32,7 @@ from swim.data.tags import SWIM_SYSTEM_PROMPT
 from swim.data.video import VideoSettings
 from swim.modeling.families import FamilySpec, family_of
 from swim.modeling.model import swim_model_class
+from swim.seg.config import SegConfig
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
 from swim.trainer.distributed import describe_parallelism
 
@@ -148,25 +149,26 @@ def copy_processor_files(source: str, output_dir: str) -> None:
             shutil.copy(Path(source) / name, Path(output_dir) / name)
 
 
+def make_parser() -> TrlParser:
+    """The recipe parser: data, training (SFT + SWIM), model and segmentation-head (`swim.seg`) arguments."""
+    return TrlParser((DataArguments, SwimSFTConfig, ModelConfig, SegConfig))
+
+
 def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     # ---- parse
-    parser = TrlParser((DataArguments, SwimSFTConfig, ModelConfig))
-    data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    data_args, training_args, model_args, seg_args = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    save_resolved_config(training_args.output_dir, data_args, training_args, model_args)
+    save_resolved_config(training_args.output_dir, data_args, training_args, model_args, seg_args)
 
     # ---- data
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     records = load_data(data_args, training_args.seed)
-    dataset = SwimDataset(
-        records, data_args.video_settings(family), tokenizer, strict=data_args.strict_data,
-        system_prompt=data_args.system_prompt, supervise_qa=data_args.supervise_qa,
+    dataset_kwargs = dict(
+        strict=data_args.strict_data, system_prompt=data_args.system_prompt, supervise_qa=data_args.supervise_qa,
         pair_mode=data_args.pair_mode, max_length=data_args.max_sample_length, family=family,
     )  # fmt: skip
-    collator = IndexCollator(dataset, SwimCollator(tokenizer.pad_token_id), cache=data_args.cache_samples)
-    train_dataset = Dataset.from_dict({"index": list(range(len(dataset)))})
 
     # ---- model
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -175,10 +177,25 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
         attn_implementation=resolve_attn_implementation(model_args.attn_implementation),
     )  # fmt: skip
 
+    if seg_args.seg_head:  # the segmentation head's targets (swim.seg); its [SEG] token when it has one
+        from swim.seg.data import SegCollator, SegDataset, add_seg_token, seg_data_config
+
+        seg_token_id = (
+            add_seg_token(tokenizer, model, seg_args.seg_token) if seg_args.seg_query == "seg_token" else None
+        )
+        dataset = SegDataset(records, data_args.video_settings(family), tokenizer, seg=seg_data_config(seg_args),
+                             seg_token_id=seg_token_id, **dataset_kwargs)  # fmt: skip
+        batcher = SegCollator(tokenizer.pad_token_id)
+    else:
+        dataset = SwimDataset(records, data_args.video_settings(family), tokenizer, **dataset_kwargs)
+        batcher = SwimCollator(tokenizer.pad_token_id)
+    collator = IndexCollator(dataset, batcher, cache=data_args.cache_samples)
+    train_dataset = Dataset.from_dict({"index": list(range(len(dataset)))})
+
     # ---- trainer
     trainer = SwimSFTTrainer(
         model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        processing_class=tokenizer, peft_config=get_peft_config(model_args), seg=seg_args,
     )  # fmt: skip
 
     # ---- train

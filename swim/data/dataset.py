@@ -183,7 +183,7 @@ class SwimDataset(Dataset):
                 sorted({f for obj in record.annotation for f in annotated_frames(obj)}) if supervise else []
             )
             try:
-                clip = load_video(path, self.settings, keep=keep)
+                clip = load_video(path, self.settings, keep=keep, keep_frames=self.keep_frames)
             except (VideoDecodeError, ValueError) as e:
                 raise record.error("video", f"cannot decode: {e}", "unreadable_video") from None
             grid = clip.grid_thw
@@ -241,6 +241,12 @@ class SwimDataset(Dataset):
         sample["video_token_group"] = torch.arange(groups, dtype=torch.long).repeat_interleave(
             tokens_per_group
         )
+        return self.extend_sample(sample, record, clip if kind == "video" else None, supervise)
+
+    keep_frames = False  # whether `extend_sample` needs the decoded frames (`VideoClip.frames`)
+
+    def extend_sample(self, sample: dict, record: Record, clip, supervise: bool) -> dict:
+        """Extension point for subclasses that add keys to a finished sample (`swim.seg.data.SegDataset`)."""
         return sample
 
     def _targets(self, record: Record, clip) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,6 +102,7 @@ class VideoClip:
     source_fps: float
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+    frames: np.ndarray | None = None  # uint8 [T, H0, W0, 3] decoded frames, kept on request (`keep_frames`)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,9 +431,13 @@ def patchify(frames: torch.Tensor, settings: VideoSettings) -> tuple[torch.Tenso
 
 
 def load_video(
-    path: str | os.PathLike, settings: VideoSettings | None = None, keep: Sequence[int] = ()
+    path: str | os.PathLike,
+    settings: VideoSettings | None = None,
+    keep: Sequence[int] = (),
+    keep_frames: bool = False,
 ) -> VideoClip:
-    """probe -> select (keeping annotated frames `keep`) -> decode -> resize -> patchify, one file open."""
+    """probe -> select (keeping annotated frames `keep`) -> decode -> resize -> patchify, one file open.
+    `keep_frames`: also return the decoded frames at their original size (`VideoClip.frames`)."""
     settings = settings or VideoSettings()
 
     def decode() -> tuple[int, float, list[int], np.ndarray]:
@@ -455,4 +460,5 @@ def load_video(
         source_fps=source_fps,
         original_hw=original_hw,
         resized_hw=resized_hw,
+        frames=frames if keep_frames else None,
     )

@@ -27,19 +27,28 @@ from trl import SFTTrainer
 from swim.modeling.capture import AttentionProbe
 from swim.modeling.model import freeze_vision_tower, stock_model_class
 from swim.modeling.objective import grounding_loss, has_queries, supervised_pair_count, supervised_rows
+from swim.seg.config import SegConfig
+from swim.seg.trainer import SegPlugin
 from swim.trainer.config import SwimSFTConfig
 
 logger = logging.getLogger(__name__)
 
 
 class SwimSFTTrainer(SFTTrainer):
-    def __init__(self, model, args: SwimSFTConfig, **kwargs):
+    """`seg`: the optional segmentation head's settings (`swim.seg`); with `seg_head: true` the head is added as a
+    plug-in (`swim.seg.trainer.SegPlugin`), otherwise nothing of it exists."""
+
+    def __init__(self, model, args: SwimSFTConfig, seg: SegConfig | None = None, **kwargs):
         if not isinstance(args, SwimSFTConfig):
             raise TypeError(f"SwimSFTTrainer needs a SwimSFTConfig, got {type(args).__name__}")
         if args.freeze_vision_tower and not isinstance(model, str):
             frozen = freeze_vision_tower(model)
             logger.info("froze the vision tower and merger (%.1f M parameters)", frozen / 1e6)
+        seg_plugin = SegPlugin(model, args, seg, args.grounding_config()) if seg and seg.seg_head else None
         super().__init__(model=model, args=args, **kwargs)
+        self.seg = seg_plugin
+        if self.seg is not None:
+            self.seg.after_init()
         # Qwen2.5-VL declares `accepts_loss_kwargs = False` (its own loss ignores `num_items_in_batch`), which makes
         # the Trainer average per-micro-batch token means: the text loss would then depend on how a global batch
         # is split over ranks and accumulation steps. TRL computes the loss itself (fused LM head) and does honour
@@ -66,25 +75,35 @@ class SwimSFTTrainer(SFTTrainer):
         if self.args.world_size > 1:
             count = self.accelerator.gather(count)
         self._step_attn_pairs = count.sum()
+        if self.seg is not None:
+            self.seg.count_step(self, batch_samples, device)
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         grounding = inputs.pop("grounding", None)
+        seg = inputs.pop("seg", None)
         cfg = self.grounding
         supervised = has_queries(grounding)
         rows = supervised_rows(grounding, cfg.query_offset) if supervised else None
-        with self.probe.capture(rows) if supervised else nullcontext():
+        with self.probe.capture(rows) if supervised else nullcontext(), self._seg_capture():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_text = result[0] if return_outputs else result
         loss, attn_sum, attn_pairs = cfg.text_weight * loss_text, None, 0.0
-        if supervised:
-            try:
+        try:
+            if supervised:
                 # λ = 0 still measures the loss (for baselines), without building a graph for it.
                 with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.attn_weight != 0):
                     loss_attn, stats = grounding_loss(self.probe, grounding, inputs["input_ids"],
                                                       inputs.get("attention_mask"), self.video_token_id, cfg)  # fmt: skip
-            finally:
-                self.probe.clear()
+            if self.seg is not None:  # every rank, every micro-step (a zero-weighted dummy without masks)
+                loss = loss + self.seg.loss(self, seg, inputs, grounding, rows, num_items_in_batch).to(
+                    loss.dtype
+                )
+        finally:
+            self.probe.clear()
+            if self.seg is not None:
+                self.seg.hidden.clear()
+        if supervised:
             attn_pairs = stats["attn_pairs"]
             attn_sum = loss_attn * attn_pairs
             if cfg.attn_weight != 0 and attn_pairs > 0:
@@ -92,6 +111,9 @@ class SwimSFTTrainer(SFTTrainer):
                 loss = loss + cfg.attn_weight * share.to(loss.dtype)
         self._log_terms(loss_text, attn_sum, attn_pairs, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
+
+    def _seg_capture(self):
+        return self.seg.hidden.capture() if self.seg is not None else nullcontext()
 
     def _attn_scale(self, local_pairs: float, num_items_in_batch) -> float | torch.Tensor:
         """Factor turning this micro-batch's pair sum into its share of the step's global pair mean.
@@ -127,8 +149,17 @@ class SwimSFTTrainer(SFTTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         param = next(model.parameters())
         saved = stock_model_class(model.config).from_pretrained(resume_from_checkpoint, dtype=param.dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+        state = saved.state_dict()
+        if self.seg is not None:  # the head is saved beside the LLM (seg_head/)
+            state |= self.seg.checkpoint_state(resume_from_checkpoint)
+        model.load_state_dict(state, strict=True)
         logger.info("resumed the weights of %s", resume_from_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """With the segmentation head: `seg_head/` beside a stock LLM folder (the LLM's state dict loses `seg_head.*`)."""
+        if self.seg is not None and self.args.should_save:
+            state_dict = self.seg.save(self.model, output_dir or self.args.output_dir, state_dict)
+        super()._save(output_dir, state_dict)
 
     def _log_terms(self, loss_text: torch.Tensor, attn_sum: torch.Tensor | None, attn_pairs: float,
                    num_items_in_batch) -> None:  # fmt: skip
@@ -157,4 +188,6 @@ class SwimSFTTrainer(SFTTrainer):
         if pairs > 0:
             self._metrics[mode]["loss_attn"] = [loss_sum / pairs]
         self._attn_log[mode] = [0.0, 0.0]
+        if self.seg is not None:
+            self.seg.flush_log(self._metrics[mode], mode)
         super().log(logs, start_time)
