@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from swim.data.synth import SynthConfig, generate
 from swim.modeling.model import stock_model_class
@@ -26,6 +27,7 @@ from swim.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
+SEG_RECIPE = ROOT / "recipes" / "seg_demo_cpu.yaml"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
 # seconds per launch; a first ZeRO-3 run on a fresh machine JIT-builds DeepSpeed's CPU comm op (~30 s)
 LAUNCH_TIMEOUT = int(os.environ.get("SWIM_TEST_LAUNCH_TIMEOUT", "240"))
@@ -45,8 +47,8 @@ def mixed(tmp_path_factory, tiny_ckpt):
     return out / "mixed.json"
 
 
-def swim_args(ckpt, data, out_dir, steps, *extra):
-    return ["--config", str(RECIPE), "--model_name_or_path", str(ckpt), "--data_config", str(data),
+def swim_args(ckpt, data, out_dir, steps, *extra, recipe=RECIPE):
+    return ["--config", str(recipe), "--model_name_or_path", str(ckpt), "--data_config", str(data),
             "--output_dir", str(out_dir), "--per_device_train_batch_size", "1", "--max_steps", str(steps),
             "--train_sampling_strategy", "sequential", "--supervise_qa", "false", "--cache_samples", "false",
             "--optim", "sgd", "--learning_rate", "0.1", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
@@ -207,3 +209,67 @@ def test_zero3_with_mixed_batches_on_qwen3_vl(tiny_checkpoints, mixed, tmp_path)
     start = stock_weights(ckpt)
     assert all(attn is not None for *_, attn in logged(tmp_path / "reference"))
     assert_same_run(tmp_path / "z3", tmp_path / "reference", start)
+
+
+# ---- with the segmentation head (swim.seg): rank 1's batches have no masks, so it runs the head on a zero-weighted
+# dummy; both ranks must still issue the same collectives and the run must equal one process with accumulation 2.
+
+
+@pytest.fixture(scope="module")
+def seg_reference(tiny_ckpt, mixed, tmp_path_factory):
+    from swim.seg.sam2 import build_tiny_sam2
+
+    sam = build_tiny_sam2(tmp_path_factory.mktemp("sam2") / "tiny_sam2", hidden=32)
+    SEG_START["sam"] = {f"sam.{k}": v for k, v in load_file(sam / "model.safetensors").items()}
+    extra = ("--seg_sam", str(sam), "--mba_mode", "fixed", "--mba_prior", "swim_attn", "--mba_heads", "4",
+             "--mba_dropout", "0", "--mba_warmup_ratio", "0", "--aux_warmup_ratio", "0")  # fmt: skip
+    out = tmp_path_factory.mktemp("reference_seg")
+    train_main(
+        swim_args(tiny_ckpt, mixed, out, 3, "--gradient_accumulation_steps", "2", *extra, recipe=SEG_RECIPE)
+    )
+    return out, extra
+
+
+def seg_logged(out_dir) -> list[tuple]:
+    history = json.loads((Path(out_dir) / "trainer_state.json").read_text())["log_history"]
+    keys = ("loss", "loss_text", "loss_attn", "loss_mask", "loss_dice", "loss_bound", "mba_gamma")
+    return [tuple(e.get(k) for k in keys) for e in history if "loss" in e]
+
+
+SEG_START: dict[str, dict] = {}
+# SAM-2's encoder gradients (convolutions, interpolated position embeddings) sum many terms: the in-process
+# reference and the torchrun workers (one thread each) differ by ~2e-5 of the update there.
+HEAD_TOLERANCE = 1e-4
+
+
+def assert_same_seg_run(out_dir, reference_dir, start):
+    from swim.seg.head import SegHead
+
+    run, ref = seg_logged(out_dir), seg_logged(reference_dir)
+    assert len(run) == len(ref) == 3 and all(row[3] is not None for row in ref)
+    for row, expected in zip(run, ref):
+        assert row == pytest.approx(expected, rel=1e-5)
+    assert relative_difference(stock_weights(out_dir), stock_weights(reference_dir), start) < TOLERANCE
+    heads = [SegHead.from_pretrained(Path(d) / "seg_head").state_dict() for d in (out_dir, reference_dir)]
+    sam_start = SEG_START["sam"]
+    assert relative_difference(*(
+        {k: h[k] for k in sam_start} for h in heads), sam_start) < HEAD_TOLERANCE  # fmt: skip
+    for name, value in heads[1].items():  # projection and MBA
+        if name not in sam_start:
+            torch.testing.assert_close(heads[0][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ddp_with_the_segmentation_head_and_mixed_batches(tiny_ckpt, mixed, seg_reference, start, tmp_path):
+    reference, extra = seg_reference
+    args = swim_args(tiny_ckpt, mixed, tmp_path / "ddp", 3, "--use_cpu", "true", *extra, recipe=SEG_RECIPE)
+    output = torchrun(args)
+    assert "trained with DDP over 2 processes" in output
+    assert_same_seg_run(tmp_path / "ddp", reference, start)
+
+
+def test_zero3_with_the_segmentation_head_and_mixed_batches(tiny_ckpt, mixed, seg_reference, start, tmp_path):
+    reference, extra = seg_reference
+    output = torchrun(swim_args(tiny_ckpt, mixed, tmp_path / "z3", 3, "--deepspeed", str(ZERO3), *extra,
+                                recipe=SEG_RECIPE))  # fmt: skip
+    assert "trained with DeepSpeed ZeRO stage 3 over 2 processes" in output
+    assert_same_seg_run(tmp_path / "z3", reference, start)

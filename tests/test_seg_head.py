@@ -46,7 +46,7 @@ def test_head_forward_shapes_and_gradients(sam, mba_mode, prior):
     assert (out.gate is None) == (mba_mode is None)
     if out.gate is not None:
         assert out.gate.shape == (6, 8, 8) and out.gate.min() >= 0 and out.gate.max() <= 1
-    (out.logits.sum() + out.anchor).backward()
+    out.logits.sum().backward()
     assert (
         hidden.grad is not None and hidden.grad.abs().sum() > 0
     )  # the prompt reaches the LLM's hidden state

@@ -15,11 +15,15 @@ S input side, h = S/16 embedding side, m = S/4 mask side; shared/reference/mba_d
 4. The mask decoder takes sparse prompts `[padding point tokens, prompt]` (Sa2VA appends the language vector after
    SAM-2's padding point), dense `no_mask_embed`, single-mask output -> logits `[P, m, m]`.
 
-Everything runs inside `forward`, so under DeepSpeed ZeRO-3 the head is one leaf module (its weights are gathered
-once per call) and no weight is touched outside its module's forward. Every trainable weight also enters the
-returned `anchor` with weight 0 — the IoU and object-score heads, the unused multimask hypernetworks, and MBA's
-router in `code`/`paper` mode receive no gradient from the objective — so every rank, with or without masks,
-produces a gradient for exactly the same parameters (DDP with `find_unused_parameters=False`, ZeRO-3 buckets).
+Distributed training. Every SAM-2 weight is used inside its own module's forward, except a few that SAM-2's code
+reads in a parent's forward (the decoder's `iou_token`, `mask_tokens`, `obj_score_token`; the prompt encoder's
+`not_a_point_embed`, `no_mask_embed`) and `no_memory_embedding`, which the head adds itself (it calls SAM-2's
+submodules, never `Sam2Model.forward`; that weight stays frozen, it is SAM-2's "no memory" marker):
+`external_parameters` names them so that DeepSpeed ZeRO-3 gathers them with the module that reads them. The weights the objective never reaches are
+frozen too — SAM-2's IoU and object-score heads (Sa2VA trains neither), and MBA's router in `code`/`paper` mode,
+which only picks indices (defect D2) — so every trainable weight receives a gradient (possibly zero, e.g. MBA's
+attention while γ = 0) on every step of every rank, with or without masks: DDP runs with
+`find_unused_parameters=False` and ZeRO-3 reduces the same parameters everywhere.
 
 The decoder's stability-based fallback to a multimask output (`dynamic_multimask_via_stability`, on in eval mode
 only) is turned off: the language-prompted single-mask token is the one trained, so inference uses it too.
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from swim.seg.losses import masked_average
 from swim.seg.mba import MBA_MODES, MaskBiasedAttention
@@ -73,15 +78,14 @@ class SegHeadConfig:
 
 
 @dataclass
-class SegHeadOutput:
-    logits: torch.Tensor  # [P, m, m] mask logits of each pair
-    prompts: torch.Tensor  # [Q, C] prompt vectors (TMC's text side)
-    pooled: (
-        torch.Tensor | None
-    )  # [P, C] pre-MBA embedding averaged under the pool weights (TMC's visual side)
-    gate: torch.Tensor | None  # [P, h, h] the MBA gate used (None without MBA)
-    gamma: torch.Tensor | None  # MBA's γ (detached; None without MBA)
-    anchor: torch.Tensor  # scalar 0 connected to every trainable weight (see the module docstring)
+class SegHeadOutput(ModelOutput):
+    """A `ModelOutput` (a dict): DeepSpeed ZeRO-3's backward hooks find the output tensors there."""
+
+    logits: torch.Tensor | None = None  # [P, m, m] mask logits of each pair
+    prompts: torch.Tensor | None = None  # [Q, C] prompt vectors (TMC's text side)
+    pooled: torch.Tensor | None = None  # [P, C] pre-MBA embedding under the pool weights (TMC's visual side)
+    gate: torch.Tensor | None = None  # [P, h, h] the MBA gate used (None without MBA)
+    gamma: torch.Tensor | None = None  # MBA's γ (detached; None without MBA)
 
 
 class SegHead(nn.Module):
@@ -101,18 +105,33 @@ class SegHead(nn.Module):
             if config.mba_mode is not None
             else None
         )
-        self.sam.prompt_encoder.requires_grad_(
-            False
-        )  # Sa2VA trains the decoder only (prompts: padding tokens)
+        # Sa2VA trains the decoder only (the prompts are SAM-2's padding tokens); the weights the objective never
+        # reaches are frozen too (see the module docstring)
+        self.sam.prompt_encoder.requires_grad_(False)
+        self.sam.no_memory_embedding.requires_grad_(False)
+        self.sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+        self.sam.mask_decoder.pred_obj_score_head.requires_grad_(False)
+        if self.mba is not None and config.mba_mode != "fixed":
+            self.mba.router.requires_grad_(False)
 
     @property
     def hidden_size(self) -> int:
         return self.sam.config.mask_decoder_config.hidden_size
 
     def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (default, Sa2VA) or train SAM-2's image encoder and its no-memory embedding."""
+        """Freeze (default, Sa2VA) or train SAM-2's image encoder."""
         self.sam.vision_encoder.requires_grad_(not frozen)
-        self.sam.no_memory_embedding.requires_grad_(not frozen)
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, weight) pairs where SAM-2's code reads a child's weight in the parent's forward (ZeRO-3 must
+        gather them with that module: `deepspeed.zero.register_external_parameter`)."""
+        decoder, prompts = self.sam.mask_decoder, self.sam.prompt_encoder
+        return [
+            *[(decoder, e.weight) for e in (decoder.iou_token, decoder.mask_tokens, decoder.obj_score_token)],
+            *[(prompts, e.weight) for e in (prompts.not_a_point_embed, prompts.no_mask_embed)],
+            (self, self.sam.no_memory_embedding),
+            *([(self, self.mba.gamma)] if self.mba is not None else []),  # read for the logs
+        ]
 
     # ---- pieces (called from forward)
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -201,11 +220,8 @@ class SegHead(nn.Module):
             scale = logits.shape[-1] // visual.shape[-1]
             pool_weights = F.avg_pool2d(logits.detach().float().sigmoid()[:, None], scale)[:, 0]
         pooled = masked_average(visual, pool_weights) if pool_weights is not None else None
-        anchor = sum(p.reshape(-1)[:1].sum() for p in self.parameters() if p.requires_grad) * 0.0
         gamma = self.mba.gamma.detach().clone() if self.mba is not None else None
-        return SegHeadOutput(
-            logits=logits, prompts=prompts, pooled=pooled, gate=gate, gamma=gamma, anchor=anchor
-        )
+        return SegHeadOutput(logits=logits, prompts=prompts, pooled=pooled, gate=gate, gamma=gamma)
 
     # ---- checkpoints
     def save_pretrained(

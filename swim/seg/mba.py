@@ -24,6 +24,7 @@ The gate is computed outside (`swim.seg.head`): the paper's prior (a prompt-free
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MBA_MODES = ("code", "paper", "fixed")
@@ -40,10 +41,10 @@ class MaskBiasedAttention(nn.Module):
             raise ValueError(f"MBA dim {dim} is not divisible by {heads} heads")
         self.mode, self.heads, self.top_k = mode, heads, top_k
         self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.attn = MultiHeadAttention(dim, heads, dropout)
         self.proj = nn.Linear(dim, dim)
         self.router = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Linear(dim // 2, 1))
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = nn.Parameter(torch.zeros(1))  # 1-D: DeepSpeed ZeRO-3 cannot partition 0-d weights
 
     def select_keys(
         self, prompt: torch.Tensor, tokens: torch.Tensor | None, token_mask: torch.Tensor | None
@@ -90,12 +91,32 @@ class MaskBiasedAttention(nn.Module):
         p, c, h, w = features.shape
         keys, bias, keep = self.select_keys(prompt, tokens, token_mask)
         query = self.norm(features.flatten(2).transpose(1, 2))  # [P, hw, C]
-        attn_mask = (~keep)[:, None, :].float() * torch.finfo(query.dtype).min  # padding keys: excluded
-        if bias is not None:
-            attn_mask = attn_mask + bias[:, None, :]
-        attn_mask = attn_mask.to(query.dtype).repeat_interleave(self.heads, 0).expand(-1, h * w, -1)
-        out, _ = self.attn(
-            query, keys.to(query.dtype), keys.to(query.dtype), attn_mask=attn_mask, need_weights=False
-        )
+        bias = torch.zeros_like(keep, dtype=query.dtype) if bias is None else bias.to(query.dtype)
+        bias = bias.masked_fill(~keep, torch.finfo(query.dtype).min)  # padding keys: excluded
+        out = self.attn(query, keys.to(query.dtype), bias)
         injected = self.proj(out).transpose(1, 2).reshape(p, c, h, w) * gate[:, None].to(features.dtype)
         return features + self.gamma * scale * injected
+
+
+class MultiHeadAttention(nn.Module):
+    """Standard multi-head attention (the code's `nn.MultiheadAttention`: q/k/v and output projections, attention
+    dropout) with an additive per-key bias. Written out because `nn.MultiheadAttention` reads its output
+    projection's weight outside that module's forward, which DeepSpeed ZeRO-3 cannot gather."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """query `[P, L, C]`, keys (= values) `[P, N, C]`, bias `[P, N]` added to every query's logits -> `[P, L, C]`."""
+        p, length, c = query.shape
+
+        def split(x):
+            return x.reshape(p, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q(query)), split(self.k(keys)), split(self.v(keys)), attn_mask=bias[:, None, None, :],
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        return self.out(out.transpose(1, 2).reshape(p, length, c))

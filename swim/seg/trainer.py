@@ -4,8 +4,8 @@ The trainer calls it at five points and nowhere else (off: none of this exists, 
 - construction, before the Trainer wraps the model: the head (`swim.seg.head.SegHead`) becomes the submodule
   `seg_head` of the model, so the optimiser, DDP and DeepSpeed see its weights; a `LastHiddenProbe` hooks the text
   model's final norm; DDP is told `find_unused_parameters=False` (the head runs after DDP's forward, which
-  otherwise marks its weights unused and then fails when their gradients arrive), and under ZeRO-3 the head is a
-  leaf module (its weights are gathered once per call, not per submodule);
+  otherwise marks its weights unused and then fails when their gradients arrive), and under ZeRO-3 the three
+  decoder weights SAM-2 reads outside their own module are registered with the decoder (`SegHead.external_parameters`);
 - `count_step`: the step's supervised (frame, object) pairs and TMC contrasts, over every rank and micro-step;
 - `loss`: after TRL's loss (inside the same capture), the head runs on **every** micro-step of every rank — on a
   zero-weighted dummy (one black frame, the first token's hidden state) when the batch has no masks — so every
@@ -51,8 +51,9 @@ def is_head_key(key: str) -> bool:
     return key.startswith(f"{SEG_DIR}.") or f".{SEG_DIR}." in key
 
 
-def build_head(model, cfg: SegConfig, grounding: GroundingConfig) -> SegHead:
-    """A fresh head for `model` from the recipe: SAM-2 from `seg_sam`, projection and MBA at their init."""
+def build_head(model, cfg: SegConfig, grounding: GroundingConfig, seed: int) -> SegHead:
+    """A fresh head for `model` from the recipe: SAM-2 from `seg_sam`, projection and MBA initialised from `seed`
+    (in a forked RNG: the same head whatever ran before, and the global RNG stream left as it was)."""
     from transformers import Sam2Model
 
     sam = Sam2Model.from_pretrained(cfg.seg_sam)
@@ -61,7 +62,9 @@ def build_head(model, cfg: SegConfig, grounding: GroundingConfig) -> SegHead:
         prior_layers=supervised_layers(model, grounding.layers),
         query_offset=grounding.query_offset,
     )
-    head = SegHead(head_cfg, sam)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = SegHead(head_cfg, sam)
     head.freeze_encoder(cfg.seg_freeze_encoder)
     return head.to(next(model.parameters()).dtype)
 
@@ -77,13 +80,14 @@ class SegPlugin:
             )
         args.ddp_find_unused_parameters = False
         self.cfg = cfg
-        self.head = build_head(model, cfg, grounding)
+        self.head = build_head(model, cfg, grounding, args.seed)
         model.add_module(SEG_DIR, self.head)
         self.hidden = LastHiddenProbe(model)
         if args.deepspeed:
-            from deepspeed.utils import set_z3_leaf_modules
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-            set_z3_leaf_modules(model, [SegHead])
+            for module, weight in self.head.external_parameters():
+                register_external_parameter(module, weight)
         sam_cfg = self.head.sam.config
         self.side, self.mask_side, self.image_side = (
             embedding_size(sam_cfg),
@@ -178,7 +182,7 @@ class SegPlugin:
         if not real:
             total = total * 0.0
         self._gather_log(trainer, terms, n_pairs, has_tmc, out.gamma, real, device)
-        return total + out.anchor
+        return total
 
     def _gather_log(self, trainer, terms, n_pairs, has_tmc, gamma, real, device) -> None:
         """Gather this micro-step's terms on every rank (same collective whatever the batch held)."""
