@@ -1,5 +1,9 @@
 """``swim validate PATH [--data-root R] [--json] [--strict]``: check every record of a record file or mixture.
 
+With ``--layout mevis|ytvos|davis|refcoco`` (``--split``, ``--dataset``), PATH is a referring-segmentation dataset
+folder instead, checked by `swim.data.rvos.validate_layout` / `swim.data.refcoco.validate_refcoco` (frames and
+images present, masks decodable, of the frame size and not empty), with the same one-line-per-problem report.
+
 PATH is a record file (``.json`` array / ``.jsonl``) or a mixture YAML (`swim.data.mixture`). Each record is
 checked for: JSON shape and types; empty or malformed conversations; unclosed, nested or stray ``<ins>``
 tags; tag/object count mismatch; Qwen control-token strings (``<|im_end|>``, ``<|video_pad|>``, ...) in the
@@ -230,6 +234,19 @@ def collect(path: str | Path, data_root: str | None, strict: bool) -> tuple[int,
     return n, problems[:1] if strict else problems
 
 
+def collect_layout(args) -> tuple[int, list[RecordError]]:
+    """(items read, problems) of a referring-segmentation dataset folder (`--layout`)."""
+    if args.layout == "refcoco":
+        from swim.data.refcoco import validate_refcoco
+
+        n, problems = validate_refcoco(args.path, args.dataset, args.split or "val")
+    else:
+        from swim.data.rvos import validate_layout
+
+        n, problems = validate_layout(args.path, args.layout, args.split)
+    return n, problems[:1] if args.strict else problems
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="swim validate", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="record file (.json/.jsonl) or mixture YAML")
@@ -238,9 +255,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the problems as a JSON list")
     parser.add_argument("--strict", action="store_true", help="stop at the first problem")
+    parser.add_argument(
+        "--layout",
+        choices=["mevis", "ytvos", "davis", "refcoco"],
+        help="PATH is a referring-segmentation dataset in this layout (swim.data.rvos, swim.data.refcoco)",
+    )
+    parser.add_argument("--split", help="with --layout: ytvos / davis / refcoco split")
+    parser.add_argument(
+        "--dataset", default="refcoco", help="with --layout refcoco: refcoco, refcoco+ or refcocog"
+    )
     args = parser.parse_args(argv)
 
-    n, problems = collect(args.path, args.data_root, args.strict)
+    n, problems = collect_layout(args) if args.layout else collect(args.path, args.data_root, args.strict)
     if args.json:
         print(json.dumps([p.as_dict() for p in problems], indent=1))
     else:

@@ -6,6 +6,7 @@ Per sample with masks (`SegDataset.extend_sample`; keys added to the contract sa
 |---|---|---|
 | `seg_pixel_values` | Float `[F, 3, S, S]` | the distinct sampled frames, square-resized for SAM-2 (ImageNet mean/std) |
 | `seg_frame_group` | Long `[F]` | the Qwen temporal group of each frame (for the `swim_attn` prior) |
+| `seg_frame_index` | Long `[F]` | the source frame index of each frame |
 | `seg_masks` | Float `[O, F, m, m]` | per object and frame, area fraction of each low-resolution mask cell |
 | `seg_valid` | Bool `[O, F]` | the object has a mask on that frame |
 | `seg_query` | Long `[O]` | position of the object's query token (-1: none) |
@@ -151,6 +152,7 @@ class SegDataset(SwimDataset):
         sample.update(
             seg_pixel_values=sam2_frames(clip.frames[positions], self.seg.image_size),
             seg_frame_group=torch.tensor([p // tp for p in positions], dtype=torch.long),
+            seg_frame_index=torch.tensor([clip.frame_indices[p] for p in positions], dtype=torch.long),
             seg_masks=masks,
             seg_valid=valid & (queries >= 0)[:, None],
             seg_query=queries,
