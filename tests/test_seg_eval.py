@@ -94,7 +94,7 @@ def test_eval_rvos_on_records_and_on_a_mevis_split(checkpoint, tmp_path):
         result["summary"]["expressions"] == 2 and 0 <= result["summary"]["JF"] <= 1 and result["missing"] == 0
     )
     # MeViS layout, with the server PNGs: the stored J equals J recomputed from the PNGs
-    split = mevis_split(tmp_path / "mevis")
+    split = mevis_split(tmp_path / "mevis", n_videos=1)
     out = tmp_path / "m"
     args = [
         "--model",
@@ -109,7 +109,7 @@ def test_eval_rvos_on_records_and_on_a_mevis_split(checkpoint, tmp_path):
         *VIDEO,
     ]
     result = run(args)
-    assert result["summary"]["expressions"] == 6 and "per expression" in result["protocol"]
+    assert result["summary"]["expressions"] == 3 and "per expression" in result["protocol"]
     both = load_layout(split, "mevis")[2]
     pngs = [np.asarray(Image.open(out / "Annotations" / "vid0" / "2" / f"{n}.png")) for n in both.frame_names]
     assert {int(v) for p in pngs for v in np.unique(p)} <= {0, 255}
@@ -139,10 +139,41 @@ def test_eval_rvos_propagates_from_key_frames(checkpoint, tmp_path):
 def test_eval_refcoco(checkpoint, tmp_path):
     from swim.eval.refcoco import run
 
-    root = refcoco_root(tmp_path / "refer_seg")
+    root = refcoco_root(tmp_path / "refer_seg", n_images=1)
     result = run(["--model", str(checkpoint), "--data", str(root), "--out", str(tmp_path / "c"), *VIDEO])
     rows = [json.loads(line) for line in (tmp_path / "c" / "refcoco.jsonl").read_text().splitlines()[1:]]
-    assert result["samples"] == len(rows) == 8 and result["missing"] == 0
+    assert result["samples"] == len(rows) == 4 and result["missing"] == 0
     assert result["cIoU"] == pytest.approx(
         sum(r["intersection"] for r in rows) / sum(r["union"] for r in rows)
     )
+
+
+def test_eval_rvos_on_a_split_without_masks_writes_the_server_format(checkpoint, tmp_path):
+    from swim.eval.rvos import run
+
+    split = mevis_split(
+        tmp_path / "valid", n_videos=1, masks=False
+    )  # like MeViS `valid`: scored on the server only
+    with pytest.raises(ValueError, match="no masks to train on"):
+        rvos_main(["mevis", str(split), str(tmp_path / "train.json")])
+    result = run(["--model", str(checkpoint), "--data", str(split), "--layout", "mevis", "--out", str(tmp_path / "v"),
+                  "--png", "--limit", "1", *VIDEO])  # fmt: skip
+    assert result["summary"]["expressions"] == 0 and result["missing"] == 0
+    assert sorted(p.name for p in (tmp_path / "v" / "Annotations" / "vid0" / "0").iterdir()) == [
+        f"{t:05d}.png" for t in range(4)
+    ]
+
+
+def test_infer_segment_writes_mask_overlays(checkpoint, tmp_path):
+    from swim.eval.infer import run
+
+    video = (
+        generate(tmp_path / "synth", CFG, seed=2, counts={"val": 1})["val"].parent
+        / "videos"
+        / "val_00000.mp4"
+    )
+    run(["--model", str(checkpoint), "--video", str(video), "--question", "Describe the red <ins>circle</ins>.",
+         "--max-new-tokens", "4", "--segment", str(tmp_path / "overlays"), *VIDEO])  # fmt: skip
+    grid = np.asarray(Image.open(tmp_path / "overlays" / "masks.png"))
+    gif = Image.open(tmp_path / "overlays" / "masks.gif")
+    assert grid.ndim == 3 and gif.n_frames == 4 and gif.size == (64, 64)

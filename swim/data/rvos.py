@@ -118,7 +118,7 @@ def load_layout(path: str | Path, layout: str, split: str | None = None) -> list
     """Every expression of a split (see the module docstring for `path` per layout)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    path = Path(path)
+    path = Path(path).resolve()
     if layout == "mevis":
         meta_path, frames_root = path / "meta_expressions.json", path / "JPEGImages"
         mask_path = path / "mask_dict.json"
@@ -165,16 +165,14 @@ def conversation(text: str, query: str, seg_token: str = "[SEG]") -> list[dict]:
 
 
 def expression_record(expression: RvosExpression, query: str = "ins_tag", seg_token: str = "[SEG]") -> dict:
-    """An NL-Refer-style record (dict) of one expression; masks on every frame when the split has them."""
+    """An NL-Refer-style training record (dict) of one expression, with its masks on every frame."""
+    if not expression.has_masks:
+        raise ValueError(f"{expression.key}: this split has no masks to train on")
     height, width = expression.frame_size()
-    record = {"video": str(expression.frame_dir), "index": f"rvos_{expression.layout}_{expression.key}",
-              "conversations": conversation(expression.text, query, seg_token), "height": height, "width": width}  # fmt: skip
-    if expression.has_masks:
-        masks = expression.masks()
-        record["annotation"] = [{str(t): {"segmentation": encode_mask(m)} for t, m in enumerate(masks)}]
-    else:
-        record["annotation"] = [{str(t): {"segmentation": None} for t in range(len(expression.frame_names))}]
-    return record
+    masks = expression.masks()
+    return {"video": str(expression.frame_dir), "index": f"rvos_{expression.layout}_{expression.key}",
+            "conversations": conversation(expression.text, query, seg_token), "height": height, "width": width,
+            "annotation": [{str(t): {"segmentation": encode_mask(m)} for t, m in enumerate(masks)}]}  # fmt: skip
 
 
 def validate_layout(path: str | Path, layout: str, split: str | None = None) -> tuple[int, list[RecordError]]:

@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write attention overlays of the <ins>-tagged words (teacher-forced) here",
     )
     parser.add_argument("--attention-layers", type=int, nargs="+", help="default: the supervised-layer rule")
+    seg = parser.add_argument_group("segmentation (checkpoints trained with the segmentation head, swim.seg)")
+    seg.add_argument(
+        "--segment", metavar="OUT_DIR", help="write mask overlays (PNG grid, GIF) of the tagged words"
+    )
+    seg.add_argument(
+        "--segment-all-frames", action="store_true", help="every frame, not only the sampled ones"
+    )
+    seg.add_argument(
+        "--sam2-video", help="Sam2VideoModel folder: track key-frame masks instead of per-frame masks"
+    )
+    seg.add_argument("--key-frames", default="first", choices=["first", "uniform"])
+    seg.add_argument("--num-key-frames", type=int, default=5)
     add_model_args(parser)
     add_generation_args(parser, max_new_tokens=512)
     add_video_args(parser)
@@ -161,7 +173,34 @@ def run(argv: list[str] | None = None) -> InferResult:
                                          system_prompt=settings.system_prompt, layers=args.attention_layers,
                                          out_dir=args.attention):  # fmt: skip
             logger.info("wrote %s", path)
+    if args.segment:
+        for path in segment_overlays(loaded, result, args):
+            logger.info("wrote %s", path)
     return result
+
+
+def segment_overlays(loaded: LoadedModel, result: InferResult, args) -> list[Path]:
+    """Masks of the question's tagged phrases (teacher-forced with the generated answer), drawn on the frames."""
+    from swim.data.records import Turn
+    from swim.seg.inference import Segmenter, segment_video
+    from swim.vis.segmentation import draw_mask_grid, save_mask_gif
+
+    settings = video_settings_from_args(args)
+    segmenter = Segmenter.load(args.model, settings, generation_settings_from_args(args).system_prompt,
+                               device=str(loaded.device))  # fmt: skip
+    video_model = None
+    if args.sam2_video:
+        from transformers import Sam2VideoModel
+
+        video_model = Sam2VideoModel.from_pretrained(args.sam2_video).to(loaded.device).eval()
+    turns = [Turn("user", args.question), Turn("assistant", result.answer)]
+    frames, masks = segment_video(segmenter, args.video, turns, all_frames=args.segment_all_frames,
+                                  video_model=video_model, key_mode=args.key_frames, num_keys=args.num_key_frames)  # fmt: skip
+    out = Path(args.segment)
+    return [
+        draw_mask_grid(frames, masks, out / "masks.png", title=result.question[:90]),
+        save_mask_gif(frames, masks, out / "masks.gif"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,13 +102,15 @@ def layout_items(
     path: str | Path, layout: str, split: str | None, query: str, seg_token: str
 ) -> list[VideoItem]:
     """Items of an RVOS split (`swim.data.rvos`): one per expression, every frame."""
-    from swim.data.rvos import expression_record, load_layout
+    from swim.data.records import Turn
+    from swim.data.rvos import conversation, load_layout
+    from swim.seg.data import query_record
 
     items = []
     for e in load_layout(path, layout, split):
-        record = NLReferRecord.from_json(
-            expression_record(e, query, seg_token), source=e.source, index=e.position
-        )
+        turns = [Turn("user" if c["from"] == "human" else "assistant", c["value"])
+                 for c in conversation(e.text, query, seg_token)]  # fmt: skip
+        record = query_record(e.frame_dir, turns, 1, source=e.source, index=e.key)
         truth = (lambda e=e: {0: dict(enumerate(e.masks()))}) if e.has_masks else None
         items.append(VideoItem(key=e.key, record=record, frame_indices=list(range(len(e.frame_names))),
                                frame_names=e.frame_names, expressions=[(0, e.key, e.exp_id)],

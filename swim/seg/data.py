@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ import torch
 from swim.data.collator import SwimCollator
 from swim.data.dataset import SwimDataset
 from swim.data.masks import MaskDecodeError, decode_segmentation, pool_mask
-from swim.data.records import Record, Turn
+from swim.data.records import NLReferRecord, Record, Turn
 from swim.data.tags import check_turn_tags, distinct_phrases, parse_tags
 from swim.seg.sam2 import sam2_frames
 
@@ -66,6 +67,15 @@ def with_seg_template(record: Record, token: str) -> Record:
         extra += [Turn("user", SEG_TEMPLATE[0].format(phrase=first[phrase])),
                   Turn("assistant", SEG_TEMPLATE[1].format(token=token))]  # fmt: skip
     return dataclasses.replace(record, conversations=record.conversations + tuple(extra)) if extra else record
+
+
+def query_record(video: str | Path, turns: Sequence[Turn], n_objects: int, source: str = "<query>",
+                 index: str | None = None) -> NLReferRecord:  # fmt: skip
+    """A record that asks for `n_objects` masks on `video` without any ground truth (inference, server-only splits):
+    each object is annotated "not on any frame" (a null segmentation), which record files may not hold."""
+    placeholder = tuple({"0": {"segmentation": None}} for _ in range(n_objects))
+    return NLReferRecord(source=source, position=0, data_root=None, video=str(video), conversations=tuple(turns),
+                         annotation=placeholder, index=index)  # fmt: skip
 
 
 def query_positions(sample: dict, n_objects: int, mode: str, seg_token_id: int | None) -> torch.Tensor:

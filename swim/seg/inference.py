@@ -201,3 +201,38 @@ class Segmenter:
             out[frame] = F.interpolate(logits[None, None].float(), size=(side, side), mode="bilinear",
                                        align_corners=False)[0, 0]  # fmt: skip
         return out
+
+
+def segment_video(segmenter: Segmenter, video: str | Path, turns, *, all_frames: bool = False, video_model=None,
+                  key_mode: str = "first", num_keys: int = 5) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """Masks of every object a conversation refers to (`<ins>`-tagged phrases; `[SEG]` tokens of the answer for a
+    `seg_token` head) on the frames the LLM sampled (or on every frame): (frames uint8 `[T, H, W, 3]`,
+    {phrase or "[SEG] k": bool `[T, H, W]`}). With `video_model`, masks on key frames are tracked by SAM-2."""
+    from swim.data.tags import check_turn_tags, distinct_phrases
+    from swim.data.video import probe_video, read_frames
+    from swim.seg.data import query_record
+
+    phrases = distinct_phrases(check_turn_tags(turns))
+    seg_token = segmenter.head.config.seg_token
+    n_seg = sum(t.text.count(seg_token) for t in turns) if segmenter.head.config.query == "seg_token" else 0
+    labels = phrases + [f"{seg_token} {k}" for k in range(len(phrases), n_seg)]
+    if not labels:
+        raise SystemExit(
+            "--segment needs <ins>...</ins> around the words to segment (or [SEG] in the answer)"
+        )
+    dataset = segmenter.dataset([query_record(video, turns, len(labels))])
+    sample = dataset.build(dataset.records[0])
+    if all_frames:
+        indices = list(range(probe_video(video, segmenter.settings).num_frames))
+    else:
+        indices = sorted(set(sample["seg_frame_index"].tolist()))
+    frames = read_frames(video, indices, segmenter.settings)
+    logits, objects = segmenter.logits(sample, frames, indices)
+    masks = {}
+    for row, obj in enumerate(objects):
+        per_frame = logits[row]
+        if video_model is not None:
+            keys = key_frames(len(indices), num_keys, key_mode)
+            per_frame = segmenter.propagate(video_model, frames, {k: logits[row, k] for k in keys})
+        masks[labels[obj]] = upsample(per_frame, frames.shape[1:3])
+    return frames, masks
