@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 QWEN_TOKENIZER := .cache/qwen25vl-tokenizer
 QWEN_TOKENIZER_STAMP := $(QWEN_TOKENIZER)/.built
 
-.PHONY: setup real-tokenizer test lint format demo demo-seeds clean
+.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-seg demo-seg-sweep clean
 
 setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
@@ -50,6 +50,14 @@ demo: setup
 # The demo once per seed (not part of `make demo` or the suite): about 7 minutes per seed on 2 cores.
 demo-seeds: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
+
+# The segmentation head's demo (swim.seg.demo; not part of `make demo` or the suite): Sa2VA baseline vs MBA with the
+# paper's prior, no prior and SWIM's attention map; one seed, then the seed sweep behind the README's table.
+demo-seg: setup
+	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --out runs/demo-seg
+
+demo-seg-sweep: setup
+	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval rvos": ("swim.eval.rvos", "referring video segmentation: J, F, J&F (segmentation head)"),
     "eval refcoco": ("swim.eval.refcoco", "referring image segmentation: cIoU, gIoU (segmentation head)"),
     "seg tiny-sam2": ("swim.seg.sam2", "write a tiny random SAM-2 checkpoint (tests, CPU demo)"),
+    "seg demo": ("swim.seg.demo", "segmentation head: Sa2VA baseline vs MBA with three priors, J&F report"),
     "vis": ("swim.vis.attention", "attention overlays (PNG grid, GIF)"),
     "bench overhead": ("swim.bench.overhead", "attention-capture overhead benchmark"),
 }
