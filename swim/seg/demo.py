@@ -265,10 +265,11 @@ def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
     results = {}
     for name, run_dir in run_dirs.items():
         results[name] = evaluate_segmentation(run_dir, paths["val"], data_args)
-        results[name]["pointing_game"] = evaluate_run(run_dir, paths["val"], recipe, data_args)[0][
-            "pointing_game"
-        ]
-        logger.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
+        grounding, _ = evaluate_run(run_dir, paths["val"], recipe, data_args)
+        history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+        gamma = next((e["mba_gamma"] for e in reversed(history) if "mba_gamma" in e), None)
+        results[name] |= {"pointing_game": grounding["pointing_game"], "mba_gamma": gamma}
+        logger.info("%s: %s", name, results[name])
     images = overlays(run_dirs, paths["val"], data_args, out, n_overlays)
     state = json.loads((run_dirs[BASELINE] / "trainer_state.json").read_text())
     report = {"seed": cfg.seed, "runs": results, "references": references, "steps": state["global_step"],
