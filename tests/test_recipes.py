@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import ModelConfig, TrlParser
 
 from swim.demo import DemoConfig
-from swim.train import DataArguments
-from swim.trainer import SwimSFTConfig
+from swim.seg.demo import SegDemoConfig
+from swim.train import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "demo.yaml")
+DEMO_CONFIGS = ("demo.yaml", "seg_demo.yaml")
+TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in DEMO_CONFIGS)
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
@@ -27,8 +27,8 @@ def test_training_recipe_parses(recipe, tmp_path, monkeypatch):
         assert (ROOT / raw["data_config"]).exists()
     cpu_recipe = tmp_path / recipe.name
     cpu_recipe.write_text(yaml.safe_dump(raw))
-    parser = TrlParser((DataArguments, SwimSFTConfig, ModelConfig))
-    data, training, model = parser.parse_args_and_config(["--config", str(cpu_recipe)])
+    data, training, model, seg = make_parser().parse_args_and_config(["--config", str(cpu_recipe)])
+    assert seg.seg_head == raw.get("seg_head", False)
     assert training.grounding_config().loss_type == raw["attn_loss"]
     assert model.model_name_or_path == raw["model_name_or_path"]
     assert data.num_frames == raw.get("num_frames", 32)
@@ -43,9 +43,33 @@ def test_paper_recipe_matches_the_paper():
     assert raw["bf16"] and raw["attn_implementation"] == "flash_attention_2" and raw["num_frames"] == 32
 
 
-def test_demo_config_parses():
+def test_demo_configs_parse():
     cfg = DemoConfig.from_yaml(ROOT / "recipes" / "demo.yaml")
     assert (ROOT / cfg.recipe).exists()
+    seg = SegDemoConfig.from_yaml(ROOT / "recipes" / "seg_demo.yaml")
+    assert list(seg.runs) == ["seg", "mba_prepass", "mba_none", "mba_swim_attn"]
+    assert {r.get("mba_mode") for r in list(seg.runs.values())[1:]} == {
+        "fixed"
+    }  # they differ by the prior only
+
+
+def test_segmentation_recipe_has_sa2va_and_seed_settings():
+    raw = yaml.safe_load((ROOT / "recipes" / "sa2va_mba_qwen7b.yaml").read_text())
+    assert (
+        raw["model_name_or_path"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+        and raw["seg_sam"] == "facebook/sam2.1-hiera-large"
+    )
+    sa2va = (
+        raw["learning_rate"],
+        raw["weight_decay"],
+        raw["lora_r"],
+        raw["lora_alpha"],
+        raw["bce_weight"],
+        raw["dice_weight"],
+    )
+    assert sa2va == (4e-5, 0.05, 128, 256, 2.0, 0.5) and raw["seg_freeze_encoder"]
+    seed = (raw["tmc_weight"], raw["tmc_tau"], raw["boundary_weight"], raw["mba_tau"])
+    assert seed == (0.1, 0.15, 0.05, 1.0)
 
 
 def test_qwen3_vl_recipe_keeps_the_official_relative_depths():

@@ -121,3 +121,21 @@ def test_head_on_trains_every_loss_saves_beside_a_stock_llm_and_resumes(tiny_ckp
         assert a == pytest.approx(b, rel=1e-5)
     for name, p in resumed.model.seg_head.state_dict().items():
         torch.testing.assert_close(p, head.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_with_a_seg_token_trains_the_head_and_saves_it_beside_the_adapter(tiny_ckpt, data, tmp_path):
+    """PEFT freezes every non-adapter weight when it wraps the model: the head's are trainable again."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "lora"
+    trainer = train_main(seg_args(tiny_ckpt, data, out, "--max_steps", "2", "--save_strategy", "no", "--use_peft",
+                                  "--lora_r", "4", "--lora_target_modules", "q_proj", "k_proj", "--seg_query",
+                                  "seg_token", "--mba_mode", "code", "--mba_prior", "prepass"))  # fmt: skip
+    assert all(e["loss_mask"] > 0 for e in trainer.state.log_history if "loss" in e)
+    assert (out / "adapter_config.json").exists() and (out / "seg_head" / "seg_head.json").exists()
+    assert "[SEG]" in AutoTokenizer.from_pretrained(out).get_vocab()
+    head = SegHead.from_pretrained(out / "seg_head")
+    assert head.config.query == "seg_token" and head.config.mba_mode == "code"
+    start = load_file(data[1] / "model.safetensors")
+    decoder = [k for k in start if k.startswith("mask_decoder.transformer")]
+    assert any(not torch.equal(start[k], head.sam.state_dict()[k]) for k in decoder)
