@@ -69,7 +69,8 @@ def load_refcoco(
         for k, sentence in enumerate(ref.get("sentences", [])):
             out.append(RefSample(
                 source=str(refs_path), position=len(out), key=f"{ref['ref_id']}/{k}",
-                image=images / (info["file_name"] if info else f"<image {ref['image_id']}>"), text=sentence["sent"].strip(),
+                image=images / (info["file_name"] if info else f"<image {ref['image_id']}>"),
+                text=sentence["sent"].strip(),
                 segmentation=ann["segmentation"] if ann else None, height=info["height"] if info else 0,
                 width=info["width"] if info else 0,
             ))  # fmt: skip

@@ -193,7 +193,8 @@ def validate_layout(path: str | Path, layout: str, split: str | None = None) -> 
         if e.video not in checked_videos:
             missing = [f.name for f in e.frame_files if not f.exists()]
             if missing:
-                problems.append(e.error("frames", f"{len(missing)} frame file(s) missing in {e.frame_dir}, e.g. {missing[0]}", "missing_video"))  # fmt: skip
+                reason = f"{len(missing)} frame file(s) missing in {e.frame_dir}, e.g. {missing[0]}"
+                problems.append(e.error("frames", reason, "missing_video"))
                 checked_videos[e.video] = None
             else:
                 checked_videos[e.video] = e.frame_size()
@@ -208,7 +209,8 @@ def validate_layout(path: str | Path, layout: str, split: str | None = None) -> 
                 continue
             wrong = [a for a in e.objects if len(e._mask_dict[str(a)]) != len(e.frame_names)]
             if wrong:
-                problems.append(e.error("anno_id", f"annotations {wrong}: not one mask per frame ({len(e.frame_names)})", "mask_size"))  # fmt: skip
+                reason = f"annotations {wrong}: not one mask per frame ({len(e.frame_names)})"
+                problems.append(e.error("anno_id", reason, "mask_size"))
                 continue
         try:
             masks = e.masks()
@@ -216,7 +218,10 @@ def validate_layout(path: str | Path, layout: str, split: str | None = None) -> 
             problems.append(e.error("masks", f"cannot decode: {err}", "mask_decode"))
             continue
         if not any(m.any() for m in masks):
-            problems.append(e.error("obj_id" if e.layout != "mevis" else "anno_id", "the referred objects are empty on every frame", "mask_empty"))  # fmt: skip
+            field_name = "obj_id" if e.layout != "mevis" else "anno_id"
+            problems.append(
+                e.error(field_name, "the referred objects are empty on every frame", "mask_empty")
+            )
     return len(expressions), problems
 
 

@@ -66,11 +66,16 @@ def image_sample(segmenter: Segmenter, rgb: np.ndarray, text: str) -> dict:
                "video_token_group": torch.zeros(k, dtype=torch.long)}  # fmt: skip
     queries = query_positions(sample, 1, head.config.query, segmenter.seg_token_id)
     m = mask_size(head.sam.config)
-    sample |= {"seg_pixel_values": sam2_frames(rgb[None], image_size(head.sam.config)),
-               "seg_frame_group": torch.zeros(1, dtype=torch.long), "seg_frame_index": torch.zeros(1, dtype=torch.long),
-               "seg_masks": torch.zeros(1, 1, m, m), "seg_valid": torch.ones(1, 1, dtype=torch.bool),
-               "seg_query": queries, "seg_expr": expression_positions(sample, queries, head.config.mba_expr_tokens),
-               "seg_token_grid": torch.tensor([grid[1] // s.merge_size, grid[2] // s.merge_size])}  # fmt: skip
+    sample |= {
+        "seg_pixel_values": sam2_frames(rgb[None], image_size(head.sam.config)),
+        "seg_frame_group": torch.zeros(1, dtype=torch.long),
+        "seg_frame_index": torch.zeros(1, dtype=torch.long),
+        "seg_masks": torch.zeros(1, 1, m, m),
+        "seg_valid": torch.ones(1, 1, dtype=torch.bool),
+        "seg_query": queries,
+        "seg_expr": expression_positions(sample, queries, head.config.mba_expr_tokens),
+        "seg_token_grid": torch.tensor([grid[1] // s.merge_size, grid[2] // s.merge_size]),
+    }
     return sample
 
 
@@ -103,8 +108,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     shard = Shard(args.shard_index, args.num_shards)
     if not args.merge:
         config = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
-                  "dataset": args.dataset, "split": args.split, "limit": args.limit, "system_prompt": args.system_prompt,
-                  "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}  # fmt: skip
+                  "dataset": args.dataset, "split": args.split, "limit": args.limit,
+                  "system_prompt": args.system_prompt, "min_pixels": args.min_pixels,
+                  "max_pixels": args.max_pixels}  # fmt: skip
         segmenter = Segmenter.load(
             args.model, video_settings_from_args(args), args.system_prompt, args.device
         )

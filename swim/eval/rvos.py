@@ -12,10 +12,12 @@ every frame). The LLM reads the video with the training's frame sampling (`--num
 decoded on every evaluated frame (`--mode per_frame`), or on key frames and tracked by a stock `Sam2VideoModel`
 (`--mode propagate --sam2-video DIR`, `--key-frames first|uniform --num-key-frames 5`).
 
-Scores (RVOS practice, printed with every result): per expression, J and F averaged over its frames (no first/last
-frame dropped), `J&F = (mean J + mean F) / 2` over expressions; Ref-DAVIS17's two annotators are not averaged
-(every expression counts once). Each expression's scores are appended to `rvos[.shard-XX-of-NN].jsonl` as they
-come, so an interrupted run resumes; `rvos.json` holds the summary. `--png` writes the server format of MeViS
+Scores (`--protocol rvos`, the RVOS practice, printed with every result): per expression, J and F averaged over its
+frames (no first/last frame dropped), `J&F = (mean J + mean F) / 2` over expressions; Ref-DAVIS17's two annotators
+are not averaged (every expression counts once). `--protocol davis` leaves out each expression's first and last
+frame, as the DAVIS-2017 semi-supervised evaluation does. Each expression's scores are appended to
+`rvos[.shard-XX-of-NN].jsonl` as they come, so an interrupted run resumes; `rvos.json` holds the summary.
+`--png` writes the server format of MeViS
 `valid` and Ref-YouTube-VOS (`Annotations/<video>/<expression>/<frame>.png`, 0/255) under the output folder.
 """
 
@@ -51,9 +53,14 @@ from swim.seg.inference import KEY_FRAMES, Segmenter, key_frames, upsample
 logger = logging.getLogger(__name__)
 
 STEM = "rvos"
-PROTOCOL = ("RVOS practice: per expression, J and F averaged over all its evaluated frames (no first/last frame "
-            "dropped), ground truth = union of the referred objects, J&F = (mean J + mean F) / 2 over expressions; "
-            "annotators are not averaged")  # fmt: skip
+PROTOCOLS = {
+    "rvos": "RVOS practice (Ref-DAVIS17, MeViS, ReVOS as Sa2VA scores them): per expression, J and F averaged "
+    "over all "
+    "its evaluated frames, ground truth = union of the referred objects, J&F = (mean J + mean F) / 2 over "
+    "expressions; annotators are not averaged",
+    "davis": "DAVIS-2017 semi-supervised convention: as rvos, but the first and the last evaluated frame of every "
+    "expression are left out",
+}
 
 
 @dataclass
@@ -142,11 +149,10 @@ def predict(segmenter: Segmenter, item: VideoItem, dataset, args, video_model=No
 
 
 def run_config(args) -> dict:
-    return {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()), "layout": args.layout,
-            "split": args.split, "mode": args.mode, "key_frames": args.key_frames,
-            "num_key_frames": args.num_key_frames, "sam2_video": args.sam2_video, "num_frames": args.num_frames,
-            "max_frames": args.max_frames, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-            "system_prompt": args.system_prompt, "limit": args.limit}  # fmt: skip
+    keys = ("layout", "split", "mode", "key_frames", "num_key_frames", "protocol", "sam2_video", "num_frames",
+            "max_frames", "min_pixels", "max_pixels", "system_prompt", "limit")  # fmt: skip
+    paths = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve())}
+    return paths | {key: getattr(args, key) for key in keys}
 
 
 def evaluate_shard(args, items: list[VideoItem], shard: Shard, out_dir: Path) -> None:
@@ -176,25 +182,33 @@ def evaluate_shard(args, items: list[VideoItem], shard: Shard, out_dir: Path) ->
                 entry = {"key": key}
                 if truth is not None:
                     frames = [i for i, f in enumerate(item.frame_indices) if f in truth[obj]]
+                    if args.protocol == "davis" and len(frames) > 2:
+                        frames = frames[1:-1]
                     entry |= expression_scores([masks[obj][i] for i in frames],
                                                [truth[obj][item.frame_indices[i]] for i in frames])  # fmt: skip
                 store.append(entry)
 
 
-def merge(out_dir: Path, num_shards: int, items: list[VideoItem]) -> dict:
+def merge(out_dir: Path, num_shards: int, items: list[VideoItem], protocol: str) -> dict:
     records, headers = read_shard_stores(all_shard_paths(out_dir, STEM, num_shards), key_field="key")
     keys = [key for item in items for _, key, _ in item.expressions]
     missing = [k for k in keys if k not in records]
     scored = [records[k] for k in keys if k in records and "J" in records[k]]
     summary = summarize(scored)
-    result = {"protocol": PROTOCOL, "config": headers[0]["config"] if headers else None, "summary": summary,
-              "missing": len(missing), "errors": sum("error" in records[k] for k in keys if k in records),
-              "expressions": [records[k] for k in keys if k in records]}  # fmt: skip
+    present = [records[k] for k in keys if k in records]
+    result = {
+        "protocol": PROTOCOLS[protocol],
+        "config": headers[0]["config"] if headers else None,
+        "summary": summary,
+        "missing": len(missing),
+        "errors": sum("error" in r for r in present),
+        "expressions": present,
+    }
     (out_dir / f"{STEM}.json").write_text(json.dumps(result, indent=1))
     if missing:
         logger.warning("%d expressions have no result yet (first: %s)", len(missing), missing[0])
     logger.info("J %.4f  F %.4f  J&F %.4f over %d expressions (%s)", summary["J"], summary["F"], summary["JF"],
-                summary["expressions"], PROTOCOL)  # fmt: skip
+                summary["expressions"], PROTOCOLS[protocol])  # fmt: skip
     return result
 
 
@@ -217,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key-frames", default="first", choices=KEY_FRAMES)
     parser.add_argument("--num-key-frames", type=int, default=5)
     parser.add_argument("--png", action="store_true", help="also write the server PNG format")
+    parser.add_argument(
+        "--protocol", default="rvos", choices=sorted(PROTOCOLS), help="which frames are scored"
+    )
     parser.add_argument("--limit", type=int, help="only the first N videos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--system-prompt", default=SWIM_SYSTEM_PROMPT, help="as in training")
@@ -250,7 +267,7 @@ def run(argv: list[str] | None = None) -> dict | None:
                 "shard %d/%d done; run with --merge when all shards are", shard.index + 1, shard.count
             )
             return None
-    return merge(out_dir, args.num_shards, items)
+    return merge(out_dir, args.num_shards, items, args.protocol)
 
 
 def main(argv: list[str] | None = None) -> None:
