@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -257,6 +258,7 @@ def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
     sam_dir = build_tiny_sam2(out / "tiny_sam2", seed=cfg.seed, **cfg.sam)
     run_dirs = train_runs(cfg, out, model_dir, sam_dir, paths["train"])
     trained = time.time()
+    train_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training subprocesses, all finished
 
     data_args, recipe = recipe_data_args(cfg.recipe)
     from transformers import Sam2Config
@@ -274,7 +276,8 @@ def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
     state = json.loads((run_dirs[BASELINE] / "trainer_state.json").read_text())
     report = {"seed": cfg.seed, "runs": results, "references": references, "steps": state["global_step"],
               "seconds": time.time() - start, "train_seconds": trained - start, "recipe": cfg.recipe,
-              "demo_config": asdict(cfg), "load_average": os.getloadavg()[0]}  # fmt: skip
+              "demo_config": asdict(cfg), "load_average": os.getloadavg()[0],
+              "train_cpu_seconds": train_cpu.ru_utime + train_cpu.ru_stime}  # fmt: skip
     write_report(out, report, images)
     return report
 
@@ -306,8 +309,8 @@ Tiny random Qwen2.5-VL + tiny random SAM-2 trained from scratch, jointly, on syn
 (`{Path(report["recipe"]).name}`, {report["steps"]} steps, SWIM attention loss on in every run); {cfg["num_val"]}
 held-out videos, every frame decoded independently, J / F / J&F as DAVIS defines them (RVOS practice: per
 expression, all frames). Runs: {", ".join(f"`{k}` {v}" for k, v in cfg["runs"].items())}.
-Wall time {report["seconds"]:.0f} s (training {report["train_seconds"]:.0f} s; load average at the end
-{report["load_average"]:.1f} on this machine).
+Wall time {report["seconds"]:.0f} s (training {report["train_seconds"]:.0f} s, {report["train_cpu_seconds"]:.0f} CPU
+seconds over the runs; load average at the end {report["load_average"]:.1f} on this machine).
 
 {_table(runs, report["references"])}
 
