@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("swim.tiny", "write a tiny random checkpoint (--family qwen2_5_vl|qwen2_vl|qwen3_vl|...)"),
     "train": ("swim.train", "SFT with the attention-grounding loss (--config RECIPE.yaml)"),
+    "merge-lora": ("swim.merge_lora", "merge a LoRA training output into a stock checkpoint (+ seg_head/)"),
     "demo": ("swim.demo", "synthetic data + tiny model: baseline vs SWIM grounding report"),
     "data synth": ("swim.data.synth", "write the synthetic shapes dataset"),
     "data rvos": ("swim.data.rvos", "MeViS / Ref-YouTube-VOS / Ref-DAVIS17 split -> NL-Refer-style records"),

@@ -139,3 +139,18 @@ def test_lora_with_a_seg_token_trains_the_head_and_saves_it_beside_the_adapter(t
     start = load_file(data[1] / "model.safetensors")
     decoder = [k for k in start if k.startswith("mask_decoder.transformer")]
     assert any(not torch.equal(start[k], head.sam.state_dict()[k]) for k in decoder)
+    # merged into a stock checkpoint that the evaluation tools load
+    from swim.merge_lora import merge_lora
+
+    merged = merge_lora(out, tmp_path / "merged", base=str(tiny_ckpt))
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged, output_loading_info=True)
+    assert (
+        not info["missing_keys"]
+        and not info["unexpected_keys"]
+        and (merged / "seg_head" / "seg_head.json").exists()
+    )
+    lora_b = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())  # the merge is not a no-op
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt)
+    layer = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[layer], base.state_dict()[layer])
