@@ -138,7 +138,7 @@ def attention_on_video(
     """Head-mean attention of `rows` (Long `[n]`, averaged) of a one-sample `batch` on its single video,
     renormalised per temporal group: name ("layer L", "fused") -> `[G, h/2, w/2]`. `layers`: None for the
     model's default supervised layers."""
-    from swim.modeling.capture import AttentionProbe, video_token_positions
+    from swim.modeling.capture import AttentionProbe, vision_token_ids, vision_token_positions
     from swim.modeling.losses import group_normalize
 
     t, h, w = (int(v) for v in batch["video_grid_thw"][0])
@@ -149,8 +149,8 @@ def attention_on_video(
     try:
         with probe.capture(rows[None]):
             model(**batch, use_cache=False, logits_to_keep=1)
-        video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
-        attn = probe.video_attention(rows[None], video_positions, batch.get("attention_mask"))[
+        video_positions = vision_token_positions(batch["input_ids"], vision_token_ids(model.config))
+        attn = probe.vision_attention(rows[None], video_positions, batch.get("attention_mask"))[
             :, 0
         ]  # [Λ, n, K]
     finally:
