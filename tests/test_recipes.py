@@ -11,7 +11,8 @@ from swim.train import DataArguments
 from swim.trainer import SwimSFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "demo.yaml")
+DEMO_CONFIGS = ("demo.yaml", "klal_demo.yaml")  # demo drivers' configs, not training recipes
+TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in DEMO_CONFIGS)
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
@@ -46,6 +47,29 @@ def test_paper_recipe_matches_the_paper():
 def test_demo_config_parses():
     cfg = DemoConfig.from_yaml(ROOT / "recipes" / "demo.yaml")
     assert (ROOT / cfg.recipe).exists()
+
+
+def test_klal_recipes_have_klal_settings(tmp_path, monkeypatch):
+    from swim.demo_klal import KlalDemoConfig
+
+    demo = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml")
+    assert Path(demo.recipe).name == "klal_cpu.yaml" and len(demo.seeds) >= 3 and demo.task == "grid_patch"
+    quick = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml", quick=True)
+    assert quick.max_steps is not None and quick.num_train < demo.num_train
+    monkeypatch.chdir(ROOT)
+    parser = TrlParser((DataArguments, SwimSFTConfig, ModelConfig))
+    data, training, _ = parser.parse_args_and_config(
+        ["--config", "recipes/klal_cpu.yaml", "--output_dir", str(tmp_path)]
+    )
+    g = training.grounding_config()
+    assert data.attn_query == "answer_last" and g.layers == "all" and g.layer_fusion == "per_layer"
+    assert (g.head_fusion, g.target, g.loss_type, g.attn_weight, g.text_weight) == (
+        "renorm_mean",
+        "klal",
+        "kl",
+        1,
+        1,
+    )
 
 
 def test_qwen3_vl_recipe_keeps_the_official_relative_depths():

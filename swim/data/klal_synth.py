@@ -9,8 +9,8 @@ Qwen2/2.5-VL):
 
 - `grid_patch`: 4-8 coloured shapes, each inside its own grid cell. "Which cell has the green triangle?" ->
   `C5` (row letter A-H, column 1-8). Annotation: the object's centre point (its cell is the target). With
-  `cell_code` every cell's dark background has its own colour (row in red, column in green), so a cell's token can
-  tell where it is (the tiny models' vision tower has no absolute position, see the demo report).
+  `cell_code` every cell carries two small grey ticks whose positions encode its row and column, so a cell's token
+  can tell where it is (a Qwen vision tower has no absolute position embedding; `_background`).
 - `line_intersection`: a red and a blue polyline (2-3 segments). "How many times do the red and the blue line
   cross?" -> `0` / `1` / `2` (balanced). Annotation: the crossing points; a `0` record has none (what KLAL
   supervises then is not stated in the paper; here such a record trains the text only).
@@ -63,7 +63,7 @@ class KlalSynthConfig:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
     p_same_shape: float = 0.8  # P(a distractor with the target's shape), as in swim.data.synth
     p_same_colour: float = 0.8  # P(a distractor with the target's colour)
-    cell_code: bool = False  # grid_patch: each cell's background colour encodes its row and column
+    cell_code: bool = False  # shape scenes: ticks in every cell encode its row and column (`_background`)
     line_width: tuple[int, int] = (2, 4)  # min, max line width in pixels
     curves: tuple[int, int] = (3, 5)  # line_tracing: min, max number of curves
     tracing_target: str = "path"  # line_tracing annotation: the traced line ("path") or its end point ("end")
@@ -71,8 +71,12 @@ class KlalSynthConfig:
     def __post_init__(self) -> None:
         if self.size % self.cell:
             raise ValueError(f"size {self.size} is not a multiple of the cell {self.cell}")
-        if self.object_size > self.cell - 2:
+        if self.object_size > self.cell - 2 - (CODE_TOP if self.cell_code else 0):
             raise ValueError(f"object_size {self.object_size} does not fit in a {self.cell}-px cell")
+        if self.cell_code and self.grid > self.cell // 2 - 2:
+            raise ValueError(
+                f"cell_code marks {self.grid} rows/columns in half a {self.cell}-px cell: too many"
+            )
         if self.size // self.cell > len(ROWS):
             raise ValueError(f"at most {len(ROWS)} grid rows")
         unknown = [c for c in self.colours if c not in PALETTE]
@@ -116,14 +120,21 @@ def _attributes(rng: np.random.Generator, cfg: KlalSynthConfig, n: int) -> list[
     return chosen[:n]
 
 
+CODE_TOP = 5  # with `cell_code`, the top rows of every cell hold the code marks; shapes stay below them
+
+
 def _background(cfg: KlalSynthConfig) -> np.ndarray:
+    """Black, or with `cell_code` two grey 1x3-px ticks in the top rows of every cell: at x = 1 + row in the cell's
+    left half and at x = cell / 2 + 1 + column in its right half. A mark's *position* changes the direction of the
+    patch's embedding (a brightness code would not survive: Qwen's patch embedding has no bias and the merger
+    RMS-normalises every patch), so the cell's token can carry where it is."""
     image = np.zeros((cfg.size, cfg.size, 3), np.uint8)
     if cfg.cell_code:
         for r in range(cfg.grid):
             for c in range(cfg.grid):
-                image[r * cfg.cell : (r + 1) * cfg.cell, c * cfg.cell : (c + 1) * cfg.cell] = (
-                    16 + 8 * r, 16 + 8 * c, 16,
-                )  # fmt: skip
+                y, x = r * cfg.cell + 1, c * cfg.cell
+                image[y : y + 3, x + 1 + r] = 128
+                image[y : y + 3, x + cfg.cell // 2 + 1 + c] = 128
     return image
 
 
@@ -134,11 +145,12 @@ def shapes_scene(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.nda
     cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
     image = _background(cfg)
     objects = []
-    slack = cfg.cell - cfg.object_size - 2  # keep a 1-px margin inside the cell
+    top = CODE_TOP if cfg.cell_code else 1  # keep a 1-px margin inside the cell (below the code marks)
+    slack_x, slack_y = cfg.cell - cfg.object_size - 2, cfg.cell - cfg.object_size - top - 1
     for (colour, shape), index in zip(_attributes(rng, cfg, n), cells):
         row, col = divmod(int(index), cfg.grid)
-        x = col * cfg.cell + 1 + int(rng.integers(slack + 1))
-        y = row * cfg.cell + 1 + int(rng.integers(slack + 1))
+        x = col * cfg.cell + 1 + int(rng.integers(slack_x + 1))
+        y = row * cfg.cell + top + int(rng.integers(slack_y + 1))
         mask = shape_mask(shape, x, y, cfg.object_size, cfg.size)
         image[mask] = PALETTE[colour]
         ys, xs = np.nonzero(mask)

@@ -105,7 +105,7 @@ class SwimSFTConfig(SFTConfig):
 
     def grounding_config(self) -> GroundingConfig:
         return GroundingConfig(
-            layers=_layers(self.attn_layers),
+            layers=self.attn_layers,
             loss_type=self.attn_loss,
             layer_fusion=self.attn_layer_fusion,
             head_fusion=self.attn_head_fusion,
@@ -120,6 +120,9 @@ class SwimSFTConfig(SFTConfig):
     def __post_init__(self):
         prepare_cpu_distributed(self)  # before TrainingArguments sets up its devices
         super().__post_init__()
+        self.attn_layers = _layers(
+            self.attn_layers
+        )  # indices as ints (the command line gives strings), or "all"
         self.grounding_config()  # validate early, with the field names in the message
         self._prefer_fsdp_checkpointing()
         self._check_checkpointing()
