@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 QWEN_TOKENIZER := .cache/qwen25vl-tokenizer
 QWEN_TOKENIZER_STAMP := $(QWEN_TOKENIZER)/.built
 
-.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-seg demo-seg-sweep clean
+.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-klal demo-seg demo-seg-sweep clean
 
 setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
@@ -50,6 +50,10 @@ demo: setup
 # The demo once per seed (not part of `make demo` or the suite): about 7 minutes per seed on 2 cores.
 demo-seeds: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
+
+# KLAL's Grid Patch task (not part of the suite): NTP only / NTP + KLAL / KLAL on wrong cells, 3 seeds each.
+demo-klal: setup
+	$(BIN)/swim demo --config recipes/klal_demo.yaml --out runs/demo-klal
 
 # The segmentation head's demo (swim.seg.demo; not part of `make demo` or the suite): Sa2VA baseline vs MBA with the
 # paper's prior, no prior and SWIM's attention map; one seed, then the seed sweep behind the README's table.

@@ -2,6 +2,7 @@
 
     make demo         # = swim demo --config recipes/demo.yaml --out runs/demo
     make demo-seeds   # = swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
+    make demo-klal    # = swim demo --config recipes/klal_demo.yaml --out runs/demo-klal   (swim.demo_klal)
 
 Generates the synthetic shapes set, builds a tiny random Qwen2.5-VL, trains it twice with the same recipe,
 seed and steps — NTP only (`attn_weight: 0`) and SWIM — evaluates attention grounding on two held-out splits
@@ -458,8 +459,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--seeds", type=int, nargs="+", help="run the demo once per seed (out/seed_N) + a summary"
     )
+    parser.add_argument("--quick", action="store_true", help="KLAL demo: the config's `quick` sizes (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (yaml.safe_load(Path(args.config).read_text()) or {}).get("kind") == "klal":
+        return _klal_demo(args)
     cfg = DemoConfig.from_yaml(args.config)
     for key in ("max_steps", "num_train", "num_val", "num_shifted_val"):
         if getattr(args, key) is not None:
@@ -469,3 +473,16 @@ def main(argv: list[str] | None = None) -> dict:
         return run_demo(cfg, out)
     reports = [run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds]
     return seeds_report(reports, out)
+
+
+def _klal_demo(args) -> dict:
+    """`swim demo --config recipes/klal_demo.yaml` (a config with `kind: klal`): `swim.demo_klal`."""
+    from swim.demo_klal import KlalDemoConfig, run_klal_demo
+
+    cfg = KlalDemoConfig.from_yaml(args.config, quick=args.quick)
+    for key in ("max_steps", "num_train", "num_val", "seeds"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.num_shifted_val is not None:
+        raise SystemExit("--num-shifted-val: the KLAL demo has no shifted split")
+    return run_klal_demo(cfg, Path(args.out))

@@ -19,7 +19,8 @@ def video_batch(config, samples, seed: int = 0) -> dict:
     """Right-padded batch. Each sample: dict(videos=[(t, h, w), ...], text=n_text_tokens, queries=[(offset, obj)],
     objects=n_objects, images=[(h, w), ...]). Images come first, then videos (grids in patches). A query offset
     counts from the first text token after the last video. Object o's target is a fixed token (a different one
-    per group) so the answer is known; a sample without queries has no masks.
+    per group: every image and every temporal group is a group) so the answer is known; a sample without queries
+    has no masks.
     """
     family = family_of(config)
     g = torch.Generator().manual_seed(seed)
@@ -69,33 +70,43 @@ def video_batch(config, samples, seed: int = 0) -> dict:
 
 
 def grounding_targets(samples, rows, m2: int = 4) -> dict:
+    """The grounding dict of `video_batch`: groups are the sample's images (one each), then its videos' temporal
+    groups, in sequence order; every group's tokens are laid out row-major on its merged grid."""
+    m = int(round(m2**0.5))
+    layouts = [_groups(s, m) for s in samples]  # per sample: [(merged height, merged width)] per group
     n = max(1, max(len(s.get("queries", [])) for s in samples))
     n_obj = max(1, max(s.get("objects", 0) for s in samples))
-    k = max(sum(t * h * w // m2 for t, h, w in s["videos"]) for s in samples)
-    n_groups = max(sum(t for t, _, _ in s["videos"]) for s in samples)
+    k = max(sum(h * w for h, w in layout) for layout in layouts)
+    n_groups = max(len(layout) for layout in layouts)
     b = len(samples)
     out = dict(
         query_positions=torch.full((b, n), -1),
         query_objects=torch.full((b, n), -1),
         object_targets=torch.zeros(b, n_obj, k),
         object_group_valid=torch.zeros(b, n_obj, n_groups, dtype=torch.bool),
-        video_token_group=torch.full((b, k), -1),
+        vision_token_group=torch.full((b, k), -1),
+        vision_token_cell=torch.full((b, k, 2), -1),
     )
-    for i, (s, (_, text_start)) in enumerate(zip(samples, rows)):
-        token, group = 0, 0
-        for t, h, w in s["videos"]:
-            per_group = h * w // m2
-            for _ in range(t):
-                out["video_token_group"][i, token : token + per_group] = group
-                for o in range(s.get("objects", 0)):
-                    # object o covers one cell (full) and half of the next one in every group
-                    cell = token + (o * 3 + group) % per_group
-                    out["object_targets"][i, o, cell] = 1.0
-                    out["object_targets"][i, o, token + (o * 3 + group + 1) % per_group] = 0.5
-                    out["object_group_valid"][i, o, group] = True
-                token += per_group
-                group += 1
+    for i, (s, layout, (_, text_start)) in enumerate(zip(samples, layouts, rows)):
+        token = 0
+        for group, (h, w) in enumerate(layout):
+            per_group = h * w
+            out["vision_token_group"][i, token : token + per_group] = group
+            cells = torch.arange(per_group)
+            out["vision_token_cell"][i, token : token + per_group] = torch.stack([cells // w, cells % w], -1)
+            for o in range(s.get("objects", 0)):
+                # object o covers one cell (full) and half of the next one in every group
+                cell = token + (o * 3 + group) % per_group
+                out["object_targets"][i, o, cell] = 1.0
+                out["object_targets"][i, o, token + (o * 3 + group + 1) % per_group] = 0.5
+                out["object_group_valid"][i, o, group] = True
+            token += per_group
         for j, (offset, obj) in enumerate(s.get("queries", [])):
             out["query_positions"][i, j] = text_start + offset
             out["query_objects"][i, j] = obj
     return out
+
+
+def _groups(sample, m: int) -> list[tuple[int, int]]:
+    images = [(h // m, w // m) for h, w in sample.get("images", [])]
+    return images + [(h // m, w // m) for t, h, w in sample["videos"] for _ in range(t)]

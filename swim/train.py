@@ -1,4 +1,5 @@
-"""SWIM supervised fine-tuning of a Qwen VL model: next-token loss + attention grounding on `<ins>` words.
+"""SWIM supervised fine-tuning of a Qwen VL model: next-token loss + attention grounding (SWIM: the `<ins>`-tagged
+words' attention on the object's masks; KLAL mode: the answer token's attention on a three-level map).
 
     swim train --config recipes/demo_cpu.yaml [--attn_weight 0 --output_dir runs/x ...]
     python -m swim.train --config recipes/swim_7b.yaml           # under torchrun / accelerate on a cluster
@@ -28,7 +29,7 @@ from swim.data.collator import SwimCollator
 from swim.data.dataset import SwimDataset
 from swim.data.mixture import load_mixture
 from swim.data.records import load_records
-from swim.data.tags import SWIM_SYSTEM_PROMPT
+from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT
 from swim.data.video import VideoSettings
 from swim.modeling.families import FamilySpec, family_of
 from swim.modeling.model import swim_model_class
@@ -44,7 +45,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 
 @dataclass
 class DataArguments:
-    """What to train on and how videos become tokens."""
+    """What to train on, how videos and images become tokens, and which rows are supervised."""
 
     data_config: str = field(
         metadata={"help": "Mixture YAML (data_config/*.yaml) or one record file (.json/.jsonl)."}
@@ -57,11 +58,11 @@ class DataArguments:
     max_frames: int = field(default=32, metadata={"help": "Hard cap on frames (annotated frames included)."})
     min_pixels: int | None = field(
         default=None,
-        metadata={"help": "Per-frame minimum pixels (default: the family's, 128 merged tokens)."},
+        metadata={"help": "Per-frame (per-image) minimum pixels (default: the family's, 128 merged tokens)."},
     )
     max_pixels: int | None = field(
         default=None,
-        metadata={"help": "Per-frame maximum pixels (default: the family's, 768 merged tokens)."},
+        metadata={"help": "Per-frame (per-image) maximum pixels (default: the family's, 768 merged tokens)."},
     )
     total_pixels: int | None = field(
         default=None,
@@ -71,6 +72,13 @@ class DataArguments:
         default="union", metadata={"help": "Mask of a temporal group: union | mean of its frames."}
     )
     supervise_qa: bool = field(default=False, metadata={"help": "Attention-supervise QA records too."})
+    attn_query: str = field(
+        default="tags",
+        metadata={
+            "help": f"Supervised rows, one of {QUERY_MODES}: the <ins>-tagged words (SWIM), the last token of each "
+            "answer (KLAL) or every answer token; attn_query_offset then shifts them."
+        },
+    )
     system_prompt: str = field(
         default=SWIM_SYSTEM_PROMPT, metadata={"help": "System prompt of every sample."}
     )
@@ -168,6 +176,7 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     dataset_kwargs = dict(
         strict=data_args.strict_data, system_prompt=data_args.system_prompt, supervise_qa=data_args.supervise_qa,
         pair_mode=data_args.pair_mode, max_length=data_args.max_sample_length, family=family,
+        query=data_args.attn_query,
     )  # fmt: skip
 
     # ---- model

@@ -11,9 +11,11 @@ from swim.modeling.capture import (
     default_supervised_layers,
     find_decoder_layers,
     supervised_layers,
-    video_token_positions,
+    vision_token_ids,
+    vision_token_positions,
 )
 from swim.modeling.families import family_of
+from swim.modeling.losses import fuse_heads
 from swim.modeling.model import stock_model_class
 from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_pair_count, supervised_rows
 from swim.testing import video_batch
@@ -190,9 +192,9 @@ def test_nothing_captured_outside_capture_block(tiny_ckpt):
         probe.rows(torch.zeros(2, 1, dtype=torch.long))
 
 
-def test_video_token_positions():
+def test_vision_token_positions():
     ids = torch.tensor([[5, 13, 13, 7, 13], [13, 1, 2, 0, 0]])
-    assert video_token_positions(ids, 13).tolist() == [[1, 2, 4], [0, -1, -1]]
+    assert vision_token_positions(ids, 13).tolist() == [[1, 2, 4], [0, -1, -1]]
 
 
 def _grounded_batch(model, samples=SAMPLES):
@@ -215,7 +217,7 @@ def _supervised_grads(ckpt, mode, layers=(1, 3), samples=SAMPLES, config=None):
         # the real path: its output feeds a loss, so checkpointing is active for the layers
         text_logits = model(**batch).logits
     loss, stats = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
-                                 model.config.video_token_id, config)  # fmt: skip
+                                 vision_token_ids(model.config), config)  # fmt: skip
     assert stats["attn_pairs"] > 0
     (loss + 0 * text_logits.sum()).backward()
     return _qk_grads(model), loss.detach()
@@ -232,18 +234,21 @@ def _qk_grads(model):
 
 
 class _EagerProbe:
-    """Stands in for `AttentionProbe` in `grounding_loss`: video attention read off eager `output_attentions`."""
+    """Stands in for `AttentionProbe` in `grounding_loss`: vision attention read off eager `output_attentions`."""
 
     def __init__(self, attentions, layers):
         self.attentions, self.layers = attentions, layers
 
-    def video_attention(self, query_positions, video_positions, attention_mask=None, batch_index=None):
+    def vision_attention(self, query_positions, vision_positions, attention_mask=None, batch_index=None,
+                         head_fusion="mean", groups=None):  # fmt: skip
         out = []
         for layer in self.layers:
-            a = self.attentions[layer][batch_index].mean(1)  # [B', L, L] head mean
-            rows = a.gather(1, query_positions.clamp(min=0)[..., None].expand(-1, -1, a.shape[-1]))
-            cols = rows.gather(2, video_positions.clamp(min=0)[:, None, :].expand(-1, rows.shape[1], -1))
-            out.append(cols * (query_positions >= 0)[..., None] * (video_positions >= 0)[:, None, :])
+            a = self.attentions[layer][batch_index]  # [B', H, L, L]
+            heads, length = a.shape[1], a.shape[-1]
+            rows = a.gather(2, query_positions.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, length))
+            index = vision_positions.clamp(min=0)[:, None, None, :].expand(-1, heads, rows.shape[2], -1)
+            keep = (query_positions >= 0)[:, None, :, None] & (vision_positions >= 0)[:, None, None, :]
+            out.append(fuse_heads(rows.gather(3, index) * keep, groups, head_fusion))
         return torch.stack(out).float()
 
 
@@ -263,8 +268,9 @@ def _eager_reference(ckpt, config, samples=SAMPLES):
     batch, grounding = _grounded_batch(model, samples)
     outputs = model(**batch, output_attentions=True)
     attentions = dict(zip(find_decoder_layers(model), outputs.attentions))
-    loss, _ = grounding_loss(_EagerProbe(attentions, config.layers), grounding, batch["input_ids"],
-                             batch["attention_mask"], model.config.video_token_id, config)  # fmt: skip
+    layers = supervised_layers(model, config.layers)
+    loss, _ = grounding_loss(_EagerProbe(attentions, layers), grounding, batch["input_ids"],
+                             batch["attention_mask"], vision_token_ids(model.config), config)  # fmt: skip
     loss.backward()
     return _qk_grads(model), loss.detach()
 
@@ -275,6 +281,24 @@ def test_attention_loss_gradients_equal_eager_attention_gradients(family_ckpt):
     config = GroundingConfig(layers=[1, 3])
     ours, loss = _supervised_grads(family_ckpt, "none", config=config)
     reference, reference_loss = _eager_reference(family_ckpt, config)
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
+    _assert_grads_close(ours, reference)
+
+
+# Images only (one, then two of different sizes): the columns are image tokens, a group per image.
+IMAGES = [
+    dict(images=[(4, 4)], videos=[], text=6, queries=[(1, 0)], objects=1),
+    dict(images=[(4, 8), (4, 4)], videos=[], text=9, queries=[(2, 0), (5, 0)], objects=1),
+]
+KLAL = GroundingConfig(layers="all", layer_fusion="per_layer", head_fusion="renorm_mean", target="klal")
+
+
+@pytest.mark.parametrize("samples", [IMAGES, WITH_IMAGE], ids=["images", "image_and_video"])
+def test_klal_loss_on_image_tokens_equals_eager_attention_loss(family_ckpt, samples):
+    """KLAL's settings (every layer, heads renormalised, mean of per-layer KLs, three-level target) on image
+    tokens: loss and q/k gradients equal those of the same loss on eager `output_attentions`."""
+    ours, loss = _supervised_grads(family_ckpt, "none", samples=samples, config=KLAL)
+    reference, reference_loss = _eager_reference(family_ckpt, KLAL, samples=samples)
     torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
     _assert_grads_close(ours, reference)
 
@@ -324,7 +348,7 @@ def test_no_module_with_parameters_runs_after_the_forward(family_ckpt):
     handles = [m.register_forward_pre_hook(lambda m, a, name=name: called.append(name))
                for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     loss, _ = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
-                             model.config.video_token_id, config)  # fmt: skip
+                             vision_token_ids(model.config), config)  # fmt: skip
     loss.backward()
     for h in handles:
         h.remove()
@@ -395,7 +419,7 @@ def test_attention_loss_trains_under_flash_attention_2_bf16(tiny_ckpt):
     with probe.capture(supervised_rows(grounding, 0)):
         logits = model(**batch).logits
     loss, _ = grounding_loss(probe, grounding, batch["input_ids"], batch["attention_mask"],
-                             model.config.video_token_id, config)  # fmt: skip
+                             vision_token_ids(model.config), config)  # fmt: skip
     (loss + 0 * logits.float().sum()).backward()
     _, reference = _supervised_grads(tiny_ckpt, "none")  # float32, sdpa, CPU
     assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.05 * reference.item()
@@ -418,3 +442,11 @@ def test_supervised_rows_and_pair_count_by_hand(tiny_ckpt):
     # a group without a mask is not a pair: drop object 0's mask in sample 0's second group
     grounding["object_group_valid"][0, 0, 1] = False
     assert supervised_pair_count(grounding, 0) == 2 * 2 + 1 * 4 - 1
+
+
+def test_pair_count_with_image_groups(tiny_ckpt):
+    """An image is one group: sample 0 has 1 row x 1 image, sample 1 has 2 rows x 2 images."""
+    model = load(tiny_ckpt)
+    grounding = video_batch(model.config, IMAGES)["grounding"]
+    assert grounding["vision_token_group"][1].tolist() == [0] * 8 + [1] * 4
+    assert supervised_pair_count(grounding, 0) == 1 * 1 + 2 * 2

@@ -33,7 +33,7 @@ def sample(length, video_at, groups, cells, queries=(), n_obj=0, seed=0):
         "query_objects": torch.tensor([o for _, o in queries], dtype=torch.long),
         "object_targets": torch.rand(n_obj, k, generator=g),
         "object_group_valid": torch.ones(n_obj, groups, dtype=torch.bool),
-        "video_token_group": torch.arange(groups).repeat_interleave(cells),
+        "vision_token_group": torch.arange(groups).repeat_interleave(cells),
     }
     return s
 
@@ -59,7 +59,7 @@ def test_batch_of_three_with_a_maskless_sample():
     assert torch.equal(g["object_targets"][0], a["object_targets"])
     assert g["object_targets"][1].eq(0).all() and not g["object_group_valid"][1].any()
     assert g["object_group_valid"][2].tolist() == [[True, False, True], [False, False, False]]
-    assert g["video_token_group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, -1, -1], [0, 0, 1, 1, 2, 2]]
+    assert g["vision_token_group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, -1, -1], [0, 0, 1, 1, 2, 2]]
     _check_alignment(batch)
 
 
@@ -69,12 +69,12 @@ def test_no_queries_gives_grounding_none():
 
 
 def _check_alignment(batch):
-    """Per sample: K video tokens in input_ids == non-padded length of video_token_group / object_targets;
+    """Per sample: K video tokens in input_ids == non-padded length of vision_token_group / object_targets;
     queries point at text tokens inside the sequence and at existing objects."""
     g = batch["grounding"]
     for b in range(batch["input_ids"].shape[0]):
         k = int((batch["input_ids"][b] == VID).sum())
-        assert int((g["video_token_group"][b] >= 0).sum()) == k
+        assert int((g["vision_token_group"][b] >= 0).sum()) == k
         assert (batch["mm_token_type_ids"][b] == 2).sum() == k
         qp = g["query_positions"][b][g["query_positions"][b] >= 0]
         assert (batch["attention_mask"][b, qp] == 1).all() and (batch["input_ids"][b, qp] != VID).all()
@@ -133,7 +133,7 @@ def test_dataset_sample_matches_contract(data):
     assert [tok.decode([int(ids[p])]) for p in s["query_positions"]] == [" dog", " dog", " ball"]
     assert s["query_objects"].tolist() == [0, 0, 1]
     assert s["object_targets"].shape == (2, k) and s["object_group_valid"].shape == (2, t)
-    assert s["video_token_group"].tolist() == [0] * 6 + [1] * 6
+    assert s["vision_token_group"].tolist() == [0] * 6 + [1] * 6
     # Frames [0, 1, 2, 5]: object 0 (frames 1, 5) in both groups at cell (0, 0); object 1 (frame 2) in group 1
     # at cells (1, 1) and (1, 2) of the 2x3 grid.
     assert s["object_group_valid"].tolist() == [[True, True], [False, True]]
@@ -200,6 +200,8 @@ def test_image_record(tmp_path):
     s = SwimDataset(load_records(tmp_path / "r.json")[0], SMALL, tokenizer())[0]
     t, h, w = s["image_grid_thw"][0].tolist()
     assert t == 1 and int((s["mm_token_type_ids"] == 1).sum()) == h * w // 4
-    assert "pixel_values_videos" not in s and s["video_token_group"].numel() == 0
+    # the image is one group of vision tokens, laid out row-major on its merged grid
+    assert "pixel_values_videos" not in s and s["vision_token_group"].tolist() == [0] * (h * w // 4)
+    assert s["vision_token_cell"].tolist() == [[r, c] for r in range(h // 2) for c in range(w // 2)]
     batch = SwimCollator(0)([s, s])
     assert batch["grounding"] is None and batch["image_grid_thw"].shape == (2, 3)

@@ -10,7 +10,7 @@ from swim.seg.demo import SegDemoConfig
 from swim.train import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = ("demo.yaml", "seg_demo.yaml")
+DEMO_CONFIGS = ("demo.yaml", "klal_demo.yaml", "seg_demo.yaml")  # demo drivers' configs, not training recipes
 TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in DEMO_CONFIGS)
 
 
@@ -70,6 +70,28 @@ def test_segmentation_recipe_has_sa2va_and_seed_settings():
     assert sa2va == (4e-5, 0.05, 128, 256, 2.0, 0.5) and raw["seg_freeze_encoder"]
     seed = (raw["tmc_weight"], raw["tmc_tau"], raw["boundary_weight"], raw["mba_tau"])
     assert seed == (0.1, 0.15, 0.05, 1.0)
+
+
+def test_klal_recipes_have_klal_settings(tmp_path, monkeypatch):
+    from swim.demo_klal import KlalDemoConfig
+
+    demo = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml")
+    assert Path(demo.recipe).name == "klal_cpu.yaml" and len(demo.seeds) >= 3 and demo.task == "grid_patch"
+    quick = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml", quick=True)
+    assert quick.max_steps is not None and quick.num_train < demo.num_train
+    monkeypatch.chdir(ROOT)
+    data, training, _, _ = make_parser().parse_args_and_config(
+        ["--config", "recipes/klal_cpu.yaml", "--output_dir", str(tmp_path)]
+    )
+    g = training.grounding_config()
+    assert data.attn_query == "answer_last" and g.layers == "all" and g.layer_fusion == "per_layer"
+    assert (g.head_fusion, g.target, g.loss_type, g.attn_weight, g.text_weight) == (
+        "renorm_mean",
+        "klal",
+        "kl",
+        1,
+        1,
+    )
 
 
 def test_qwen3_vl_recipe_keeps_the_official_relative_depths():

@@ -1,10 +1,14 @@
 """`<ins>` parsing and tag → token alignment with the tiny Qwen-style tokenizer (hand-made cases)."""
 
+import numpy as np
 import pytest
 import torch
-from fixtures_data import tokenizer
+from fixtures_data import SMALL, tokenizer, write_json
+from PIL import Image
 
-from swim.data.records import Turn
+from swim.data.collator import SwimCollator
+from swim.data.dataset import SwimDataset
+from swim.data.records import Turn, load_records
 from swim.data.tags import (
     SWIM_SYSTEM_PROMPT,
     TagError,
@@ -179,3 +183,54 @@ def test_image_media_and_custom_system_prompt():
     img = tok.convert_tokens_to_ids("<|image_pad|>")
     assert int((ts.input_ids == img).sum()) == 3 and int((ts.mm_token_type_ids == 1).sum()) == 3
     assert "You are a helpful assistant." in ts.text and "Qwen" not in ts.text
+
+
+# ---- answer-token rows (KLAL) ------------------------------------------------------------------------------
+
+
+def test_answer_rows_need_no_tags_and_skip_the_end_of_turn_token():
+    last = align("Where is the red circle?", "The red circle", query="answer_last")
+    assert query_tokens(last) == [(" circle", 0)]
+    every = align("Where is the red circle?", "The red circle", query="answer_all")
+    assert query_tokens(every) == [("T", 0), ("he", 0), (" red", 0), (" circle", 0)]
+    # every answer row is a row of the labels, and the end-of-turn token (also labelled) is never one
+    labelled = (every.labels != -100).nonzero().flatten().tolist()
+    assert every.query_positions.tolist() == labelled[:-1]
+    assert tokenizer().decode([int(every.input_ids[labelled[-1]])]) == "<|im_end|>"
+
+
+def test_answer_rows_pair_each_row_with_every_object_and_keep_tags_optional():
+    ts = align("Where are the <ins>dog</ins> and the cat?", "Left.", n_objects=2, query="answer_last")
+    assert query_tokens(ts) == [(".", 0), (".", 1)] and ts.skip_reason is None  # 1 tag, 2 objects: fine here
+    multi = build_text(tokenizer(), [Turn("user", "A?"), Turn("assistant", "C5"), Turn("user", "B?"),
+                                     Turn("assistant", "Red.")], media=(("image", 4),), n_objects=1,
+                       query="answer_last")  # fmt: skip
+    assert query_tokens(multi) == [("5", 0), (".", 0)]  # the last token of each answer
+    with pytest.raises(ValueError, match="query must be one of"):
+        align("Q?", "A.", query="answer_first")
+
+
+def test_answer_last_rows_of_a_padded_batch(tmp_path):
+    """Answers of different lengths, right padding: each row is the sample's last labelled token before
+    <|im_end|>, found independently from the collated labels."""
+    Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "a.png")
+    answers = ["C5", "It is a blue square.", "The red circle"]
+    records = [{"image": "a.png", "conversations": [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": a}],
+                "annotation": [{"0": {"points": [[10, 10]]}}]} for a in answers]  # fmt: skip
+    write_json(tmp_path / "r.json", records)
+    records = load_records(tmp_path / "r.json")[0]
+    tok = tokenizer()
+    last = SwimDataset(records, SMALL, tok, query="answer_last", strict=True)
+    batch = SwimCollator(tok.pad_token_id)([last[i] for i in range(3)])
+    rows = batch["grounding"]["query_positions"]
+    assert rows.shape == (3, 1) and (batch["attention_mask"] == 0).any()  # padded
+    assert [tok.decode([int(batch["input_ids"][b, rows[b, 0]])]) for b in range(3)] == ["5", ".", " circle"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for b in range(3):
+        labelled = (batch["labels"][b] != -100).nonzero().flatten()
+        content = labelled[batch["labels"][b, labelled] != im_end]
+        assert rows[b].tolist() == [int(content.max())]
+    every = SwimDataset(records, SMALL, tok, query="answer_all", strict=True)
+    rows = SwimCollator(tok.pad_token_id)([every[i] for i in range(3)])["grounding"]["query_positions"]
+    assert [int((r >= 0).sum()) for r in rows] == [2, 7, 4]  # padded with -1 to the longest answer
+    assert rows[0, 2:].tolist() == [-1] * 5

@@ -83,7 +83,7 @@ def reference_style_loss(model, batch):
     """Every layer, every row after the video: the capture pattern of the official release (kept in the graph)."""
     import torch
 
-    from swim.modeling.capture import AttentionProbe, find_decoder_layers
+    from swim.modeling.capture import AttentionProbe, find_decoder_layers, vision_token_ids
     from swim.modeling.objective import grounding_loss
 
     probe = AttentionProbe(model, list(find_decoder_layers(model)), checkpoint_recompute=False)
@@ -95,7 +95,7 @@ def reference_style_loss(model, batch):
         out = model(**inputs)
     rows = probe.rows(all_rows, batch["attention_mask"])  # [layers, 1, heads, rows, L] materialised
     loss_attn, _ = grounding_loss(
-        probe, batch["grounding"], input_ids, batch["attention_mask"], model.config.video_token_id,
+        probe, batch["grounding"], input_ids, batch["attention_mask"], vision_token_ids(model.config),
         model.grounding_config,
     )  # fmt: skip
     probe.remove()

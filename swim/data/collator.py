@@ -75,24 +75,28 @@ class SwimCollator:
         """The padded grounding dict, or None if no sample has a supervised query.
 
         Shapes: ``query_positions``/``query_objects`` [B, n], ``object_targets`` [B, O, K],
-        ``object_group_valid`` [B, O, G], ``video_token_group`` [B, K].
+        ``object_group_valid`` [B, O, G], ``vision_token_group`` [B, K], ``vision_token_cell`` [B, K, 2].
         """
         empty_long = torch.zeros(0, dtype=torch.long)
         qpos = [s.get("query_positions", empty_long) for s in samples]
         if all(len(q) == 0 for q in qpos):
             return None
         qobj = [s.get("query_objects", empty_long) for s in samples]
-        k = [int(s.get("video_token_group", empty_long).numel()) for s in samples]
+        k = [int(s.get("vision_token_group", empty_long).numel()) for s in samples]
         targets = [s.get("object_targets", torch.zeros(0, k[b])) for b, s in enumerate(samples)]
-        groups = [int(s["video_token_group"].max()) + 1 if k[b] else 0 for b, s in enumerate(samples)]
+        groups = [int(s["vision_token_group"].max()) + 1 if k[b] else 0 for b, s in enumerate(samples)]
         valid = [
             s.get("object_group_valid", torch.zeros(0, groups[b], dtype=torch.bool))
             for b, s in enumerate(samples)
+        ]
+        cells = [
+            s.get("vision_token_cell", torch.zeros(k[b], 2, dtype=torch.long)) for b, s in enumerate(samples)
         ]
         return {
             "query_positions": pad_1d(qpos, -1),
             "query_objects": pad_1d(qobj, -1),
             "object_targets": pad_2d([t.float() for t in targets], 0.0),
             "object_group_valid": pad_2d([v.bool() for v in valid], False),
-            "video_token_group": pad_1d([s.get("video_token_group", empty_long) for s in samples], -1),
+            "vision_token_group": pad_1d([s.get("vision_token_group", empty_long) for s in samples], -1),
+            "vision_token_cell": pad_2d([c.long() for c in cells], -1),
         }

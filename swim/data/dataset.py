@@ -1,14 +1,16 @@
 """`SwimDataset`: records → per-sample tensors of the batch contract (``docs/batch_contract.md``).
 
-Per sample: probe the video, run the shared record checks (`swim.data.validate.check_record`), load the
-frames keeping every annotated frame (`swim.data.video.load_video(keep=...)`), render and align the text
-in the model family's token layout (`swim.data.tags.build_text`, `swim.modeling.families`), and turn each
-object's masks into per-token area fractions at the family's merged-token size
-(`swim.data.masks.object_group_targets`).
+Per sample: probe the video (or open the images), run the shared record checks
+(`swim.data.validate.check_record`), load the frames keeping every annotated frame
+(`swim.data.video.load_video(keep=...)`) or each image (`load_image`, one group per image), render and align the
+text in the model family's token layout (`swim.data.tags.build_text`, `swim.modeling.families`), choose the
+supervised rows (``query``: the tagged words, or KLAL's answer tokens), and turn each object's masks, boxes,
+points or polylines into per-token area fractions at the family's merged-token size
+(`swim.data.masks.object_group_targets`), over all the sample's vision tokens.
 
 Bad records never crash training. A Dataset must return something for every index, so on a bad record
-(malformed record, missing/corrupt video, undecodable mask, mask size != video size, frame index beyond the
-video, bad tags, too long) ``__getitem__(i)`` returns the next good record ``i+1, i+2, …`` (at most
+(malformed record, missing/corrupt video or image, undecodable mask, mask size != video size, frame index beyond
+the video, box/points/polyline outside the image, bad tags, too long) ``__getitem__(i)`` returns the next good record ``i+1, i+2, …`` (at most
 ``max_attempts`` tries, then it raises), remembers the bad index so it is not decoded again, and counts the
 skip by reason in `SkipCounter` (logged every ``log_every`` skips and by `SwimDataset.log_skips`; with
 DataLoader workers each worker counts its own). A tag/object count mismatch is not a skip: the sample keeps
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +33,9 @@ from torch.utils.data import Dataset
 
 from swim.data.masks import MaskDecodeError, annotated_frames, object_group_targets
 from swim.data.records import Record, RecordError
-from swim.data.tags import SWIM_SYSTEM_PROMPT, TagError, build_text
-from swim.data.validate import check_record, probe_media, turn_field
-from swim.data.video import (
-    VideoDecodeError,
-    VideoInfo,
-    VideoSettings,
-    load_video,
-    patchify,
-    resize_frames,
-    smart_resize,
-)
+from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT, TagError, build_text
+from swim.data.validate import MediaInfo, check_record, probe_media, turn_field
+from swim.data.video import ImageInput, VideoDecodeError, VideoSettings, load_image, load_video
 from swim.modeling.families import FamilySpec, family_of
 
 logger = logging.getLogger(__name__)
@@ -83,7 +78,8 @@ class SwimDataset(Dataset):
     official code trains them text-only). ``pair_mode``: how the two frames of a temporal group combine into
     one target (``"union"``; see `swim.data.masks`). ``max_length``: skip longer samples (None: no limit).
     ``family``: the model family (`swim.modeling.families`; default Qwen2.5-VL), whose geometry ``settings``
-    must have (use ``family.video_settings(...)``).
+    must have (use ``family.video_settings(...)``); images use its ``min_pixels``..``max_pixels``. ``query``:
+    which tokens are supervised (`swim.data.tags.QUERY_SELECTORS`: ``tags``, ``answer_last``, ``answer_all``).
     """
 
     def __init__(
@@ -100,9 +96,12 @@ class SwimDataset(Dataset):
         max_attempts: int = 20,
         log_every: int = 100,
         family: FamilySpec | None = None,
+        query: str = "tags",
     ):
         if not records:
             raise ValueError("SwimDataset needs at least one record")
+        if query not in QUERY_MODES:
+            raise ValueError(f"query must be one of {QUERY_MODES}, got {query!r}")
         self.family = family or family_of("qwen2_5_vl")
         geometry = self.family.geometry
         mismatched = [
@@ -123,11 +122,12 @@ class SwimDataset(Dataset):
         self.supervise_qa = supervise_qa
         self.pair_mode = pair_mode
         self.max_length = max_length
+        self.query = query
         self.max_attempts = max_attempts
         self.skips = SkipCounter(log_every)
         self.stats: Counter[str] = Counter()  # e.g. "straddling_tokens:NLReferRecord"
         self._bad: set[int] = set()
-        self._probes: dict[Path, VideoInfo | None] = {}
+        self._probes: dict[tuple[Path, ...], MediaInfo] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -167,46 +167,57 @@ class SwimDataset(Dataset):
     def build(self, record: Record) -> dict[str, torch.Tensor]:
         """The contract sample of one record; raises `RecordError` (with a ``code``) for a bad record."""
         supervise = not record.text_only(self.supervise_qa)
-        info = self._probe(record)  # cached per video path
+        info = self._probe(record)  # cached per video / image set
         # A tag/object count mismatch only drops supervision (counted below), it does not skip the record.
         problems = check_record(
-            record, info, decode_masks=False, supervise_qa=self.supervise_qa, masks=supervise
+            record,
+            info,
+            decode_masks=False,
+            supervise_qa=self.supervise_qa,
+            masks=supervise,
+            query=self.query,
         )
         problems = [p for p in problems if p.code != "tag_count"]
         if problems:
             raise problems[0]
 
-        kind, path = record.media
+        kind, files = record.media_files
         sample: dict[str, torch.Tensor] = {}
         if kind == "video":
             keep = (
                 sorted({f for obj in record.annotation for f in annotated_frames(obj)}) if supervise else []
             )
             try:
-                clip = load_video(path, self.settings, keep=keep, keep_frames=self.keep_frames)
+                clip = load_video(files[0], self.settings, keep=keep, keep_frames=self.keep_frames)
             except (VideoDecodeError, ValueError) as e:
                 raise record.error("video", f"cannot decode: {e}", "unreadable_video") from None
             grid = clip.grid_thw
-            span = self.family.video_span(grid, clip.frame_indices, clip.source_fps)
+            spans = [self.family.video_span(grid, clip.frame_indices, clip.source_fps)]
             sample["pixel_values_videos"] = clip.pixel_values
             sample["video_grid_thw"] = torch.tensor([grid], dtype=torch.long)
             if self.family.second_per_grid_ts:
                 sample["second_per_grid_ts"] = torch.tensor([clip.second_per_grid_ts], dtype=torch.float32)
+            sources = [
+                _Frames(
+                    clip.frame_indices, clip.original_hw, clip.resized_hw, self.settings.temporal_patch_size
+                )
+            ]
         else:
-            pixel_values, grid = self._load_image(record, path)
-            span = self.family.image_span(grid)
-            sample["pixel_values"] = pixel_values
-            sample["image_grid_thw"] = torch.tensor([grid], dtype=torch.long)
-        n_tokens = span.num_tokens
+            images = [self._load_image(record, path, i, len(files)) for i, path in enumerate(files)]
+            spans = [self.family.image_span(image.grid_thw) for image in images]
+            sample["pixel_values"] = torch.cat([image.pixel_values for image in images])
+            sample["image_grid_thw"] = torch.tensor([image.grid_thw for image in images], dtype=torch.long)
+            sources = [_Frames([i], image.original_hw, image.resized_hw, 1) for i, image in enumerate(images)]
 
         try:
             text = build_text(
                 self.tokenizer,
                 record.turns(),
-                media=[span],
+                media=spans,
                 n_objects=len(record.annotation) if supervise else 0,
                 supervise=supervise,
                 system_prompt=self.system_prompt,
+                query=self.query,
             )
         except TagError as e:
             raise record.error(turn_field(record, e.turn or 0), e.reason, "tags") from None
@@ -228,19 +239,15 @@ class SwimDataset(Dataset):
             query_positions=text.query_positions,
             query_objects=text.query_objects,
         )
-        k_video = n_tokens if kind == "video" else 0
-        groups = grid[0] if kind == "video" else 0
-        if kind == "video" and len(text.query_positions) > 0:
-            targets, valid = self._targets(record, clip)
+        grids = [source.grid(self.settings.factor) for source in sources for _ in range(source.groups)]
+        sample["vision_token_group"], sample["vision_token_cell"] = token_layout(grids)
+        if len(text.query_positions) > 0:
+            targets, valid = self._targets(record, sources)
         else:
-            targets = torch.zeros(0, k_video, dtype=torch.float32)
-            valid = torch.zeros(0, groups, dtype=torch.bool)
+            targets = torch.zeros(0, len(sample["vision_token_group"]), dtype=torch.float32)
+            valid = torch.zeros(0, len(grids), dtype=torch.bool)
         sample["object_targets"] = targets
         sample["object_group_valid"] = valid
-        tokens_per_group = k_video // groups if groups else 0
-        sample["video_token_group"] = torch.arange(groups, dtype=torch.long).repeat_interleave(
-            tokens_per_group
-        )
         return self.extend_sample(sample, record, clip if kind == "video" else None, supervise)
 
     keep_frames = False  # whether `extend_sample` needs the decoded frames (`VideoClip.frames`)
@@ -249,58 +256,80 @@ class SwimDataset(Dataset):
         """Extension point for subclasses that add keys to a finished sample (`swim.seg.data.SegDataset`)."""
         return sample
 
-    def _targets(self, record: Record, clip) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per object: area fractions [n_obj, K] and group validity [n_obj, G] for the clip's frames."""
-        t, h, w = clip.grid_thw
-        m = self.settings.merge_size
-        k = t * (h // m) * (w // m)
+    def _targets(self, record: Record, sources: list[_Frames]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per object: area fractions [n_obj, K] and group validity [n_obj, G] over the sample's vision tokens
+        (a video's temporal groups, or one group per image)."""
         targets, valid = [], []
         for o, obj in enumerate(record.annotation):
-            try:
-                tg, vg = object_group_targets(
-                    obj,
-                    clip.frame_indices,
-                    clip.original_hw,
-                    clip.resized_hw,
-                    merge_factor=self.settings.factor,
-                    temporal_patch=self.settings.temporal_patch_size,
-                    pair_mode=self.pair_mode,
-                )
-            except (MaskDecodeError, ValueError) as e:
-                raise record.error(
-                    f"annotation[{o}]", f"cannot build mask targets: {e}", "mask_decode"
-                ) from None
-            tg, vg = (
-                torch.as_tensor(np.asarray(tg), dtype=torch.float32),
-                torch.as_tensor(np.asarray(vg), dtype=torch.bool),
-            )
-            if tg.shape[0] != t or tg.numel() != k or vg.shape != (t,):
-                raise record.error(
-                    f"annotation[{o}]",
-                    f"mask targets {tuple(tg.shape)} / valid {tuple(vg.shape)} do not match grid {clip.grid_thw}",
-                    "mask_size",
-                )
-            targets.append(tg.reshape(k))
-            valid.append(vg)
+            parts, flags = [], []
+            for source in sources:
+                try:
+                    tg, vg = object_group_targets(
+                        obj,
+                        source.frame_indices,
+                        source.original_hw,
+                        source.resized_hw,
+                        merge_factor=self.settings.factor,
+                        temporal_patch=source.temporal_patch,
+                        pair_mode=self.pair_mode,
+                    )
+                except (MaskDecodeError, ValueError) as e:
+                    raise record.error(
+                        f"annotation[{o}]", f"cannot build mask targets: {e}", "mask_decode"
+                    ) from None
+                gh, gw = source.grid(self.settings.factor)
+                if tg.shape != (source.groups, gh * gw) or vg.shape != (source.groups,):
+                    raise record.error(
+                        f"annotation[{o}]",
+                        f"mask targets {tuple(tg.shape)} / valid {tuple(vg.shape)} do not match the "
+                        f"{source.groups} group(s) of {gh}x{gw} tokens",
+                        "mask_size",
+                    )
+                parts.append(torch.as_tensor(np.asarray(tg), dtype=torch.float32).reshape(-1))
+                flags.append(torch.as_tensor(np.asarray(vg), dtype=torch.bool))
+            targets.append(torch.cat(parts))
+            valid.append(torch.cat(flags))
         return torch.stack(targets), torch.stack(valid)
 
-    def _probe(self, record: Record) -> VideoInfo | None:
-        path = record.media[1]
-        if path not in self._probes:
+    def _probe(self, record: Record) -> MediaInfo:
+        key = record.media_files[1]
+        if key not in self._probes:
             if len(self._probes) > 50_000:
                 self._probes.clear()
-            self._probes[path] = probe_media(record, self.settings)
-        return self._probes[path]
+            self._probes[key] = probe_media(record, self.settings)
+        return self._probes[key]
 
-    def _load_image(self, record: Record, path: Path) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One image as a single temporal group (the frame repeated over the temporal patch, as Qwen does)."""
-        from PIL import Image
-
+    def _load_image(self, record: Record, path: Path, i: int, n: int) -> ImageInput:
         try:
-            with Image.open(path) as im:
-                rgb = np.array(im.convert("RGB"))
+            return load_image(path, self.settings)
         except Exception as e:
-            raise record.error("image", f"unreadable: {path}: {e}", "unreadable_image") from None
-        s = self.settings
-        hw = smart_resize(rgb.shape[0], rgb.shape[1], s.factor, s.min_pixels, s.max_pixels)
-        return patchify(resize_frames(rgb[None], hw), s)
+            field = "image" if n == 1 else f"image[{i}]"
+            raise record.error(field, f"unreadable: {path}: {e}", "unreadable_image") from None
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """One video (all its sampled frames) or one image (`frame_indices == [i]`, one group) of a sample."""
+
+    frame_indices: Sequence[int]
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    temporal_patch: int
+
+    @property
+    def groups(self) -> int:
+        return len(self.frame_indices) // self.temporal_patch
+
+    def grid(self, factor: int) -> tuple[int, int]:
+        return self.resized_hw[0] // factor, self.resized_hw[1] // factor
+
+
+def token_layout(grids: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group Long [K], (row, column) Long [K, 2]) of the vision tokens of groups with merged grids `grids`
+    (each group's tokens row-major, groups in sequence order)."""
+    groups = [torch.full((h * w,), g, dtype=torch.long) for g, (h, w) in enumerate(grids)]
+    cells = [torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+             for h, w in grids]  # fmt: skip
+    if not grids:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long)
+    return torch.cat(groups), torch.cat(cells)

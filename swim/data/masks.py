@@ -7,7 +7,8 @@ temporal group with the mask of its *second* frame only, and uses frame 0 as a "
 an explicit flag.
 
 Annotation format (VideoRefer / NL-Refer): one dict per object, `{"<original frame index>": {"segmentation":
-RLE or polygons}}`. A `null` segmentation means "not annotated at this frame" and is skipped.
+RLE or polygons}}`. A `null` segmentation means "not annotated at this frame" and is skipped. Boxes, points and
+polylines (`swim.data.geometry`) sit in the same place and become cover maps with the same conventions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from swim.data.geometry import entry_kind, geometry_cover
 
 logger = logging.getLogger(__name__)
 
@@ -152,18 +155,22 @@ def pool_mask(mask: np.ndarray, resized_hw: tuple[int, int], merge_factor: int =
 
 
 def annotated_frames(annotation: Mapping[str, Any]) -> list[int]:
-    """Sorted original frame indices with a non-null segmentation in one object's annotation."""
+    """Sorted original frame indices with a non-null entry (mask, box, points or polyline) in one object's
+    annotation."""
     frames = []
     for key, entry in annotation.items():
         try:
             frame = int(key)
         except ValueError as e:
             raise MaskDecodeError(f"frame key {key!r} is not an integer frame index") from e
-        if not isinstance(entry, Mapping) or "segmentation" not in entry:
-            raise MaskDecodeError(
-                f"frame {key}: expected {{'segmentation': ...}}, got {type(entry).__name__}"
-            )
-        if entry["segmentation"] is not None:
+        if not isinstance(entry, Mapping):
+            raise MaskDecodeError(f"frame {key}: expected an object such as {{'segmentation': ...}}, got "
+                                  f"{type(entry).__name__}")  # fmt: skip
+        try:
+            kind = entry_kind(entry)
+        except ValueError as e:
+            raise MaskDecodeError(f"frame {key}: {e}") from None
+        if entry[kind] is not None:
             frames.append(frame)
     return sorted(frames)
 
@@ -177,13 +184,15 @@ def object_group_targets(
     pair_mode: str = "union",
     merge_factor: int = 28,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One object's masks -> (targets float32 [G, gh*gw], valid bool [G]).
+    """One object's annotation -> (targets float32 [G, gh*gw], valid bool [G]).
 
     Group g covers the sampled frames `frame_indices[tp*g : tp*(g+1)]` (original indices, padding repeats
-    included) and is valid when at least one of them is annotated. Its target is, over those annotated frames,
-    - "union": the pooled pixel union of the masks (exact union area, not the max of pooled maps);
+    included; an image is one group of one frame, `temporal_patch=1`) and is valid when at least one of them is
+    annotated. Its target is, over those annotated frames,
+    - "union": the pooled pixel union of the masks (exact union area, not the max of pooled maps), and the
+      per-cell maximum with the cover maps of box / points / polyline entries (`swim.data.geometry`);
     - "mean": the mean of the pooled maps.
-    Invalid groups are all zero. Cells are (gh, gw) row-major, matching the video token order of a group.
+    Invalid groups are all zero. Cells are (gh, gw) row-major, matching the vision token order of a group.
     """
     if pair_mode not in PAIR_MODES:
         raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
@@ -195,25 +204,36 @@ def object_group_targets(
     n_groups = len(frame_indices) // temporal_patch
     available = set(annotated_frames(annotation))
     keys = {int(k): k for k in annotation}
-    masks: dict[int, np.ndarray] = {}
+    masks: dict[int, np.ndarray] = {}  # pixel masks (segmentations)
+    covers: dict[int, np.ndarray] = {}  # cover maps of geometry entries
     for f in sorted(available.intersection(frame_indices)):
+        entry = annotation[keys[f]]
+        kind = entry_kind(entry)
         try:
-            masks[f] = decode_segmentation(annotation[keys[f]]["segmentation"], *original_hw)
+            if kind == "segmentation":
+                masks[f] = decode_segmentation(entry["segmentation"], *original_hw)
+            else:
+                covers[f] = geometry_cover(kind, entry, original_hw, resized_hw, merge_factor)
         except MaskDecodeError as e:
             raise MaskDecodeError(f"frame {f}: {e}") from e
 
     targets = np.zeros((n_groups, gh * gw), np.float32)
     valid = np.zeros(n_groups, bool)
     for g in range(n_groups):
-        frames = sorted(
-            {f for f in frame_indices[g * temporal_patch : (g + 1) * temporal_patch] if f in masks}
-        )
-        if not frames:
+        group = set(frame_indices[g * temporal_patch : (g + 1) * temporal_patch])
+        frames = sorted(f for f in group if f in masks)
+        geometry = [covers[f] for f in sorted(group) if f in covers]
+        if not frames and not geometry:
             continue
         if pair_mode == "union":
-            pooled = pool_mask(np.logical_or.reduce([masks[f] for f in frames]), resized_hw, merge_factor)
+            union = np.logical_or.reduce([masks[f] for f in frames]) if frames else None
+            pooled = np.maximum.reduce(
+                ([pool_mask(union, resized_hw, merge_factor)] if frames else []) + geometry
+            )
         else:
-            pooled = np.mean([pool_mask(masks[f], resized_hw, merge_factor) for f in frames], axis=0)
+            pooled = np.mean(
+                [pool_mask(masks[f], resized_hw, merge_factor) for f in frames] + geometry, axis=0
+            )
         targets[g] = pooled.reshape(-1)
         valid[g] = True
     return targets, valid

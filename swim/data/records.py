@@ -5,7 +5,8 @@ One dataclass per record type, each with a validating ``from_json(obj, *, source
 
 - `NLReferRecord`: NL-Refer "refined-format" training records (VideoRefer-700K with the ``<objectN><region>``
   prompts rewritten into natural language; the core referring word is wrapped in ``<ins>…</ins>``) and the
-  refined VideoRefer-Bench-D (same shape).
+  refined VideoRefer-Bench-D (same shape); also on images (KLAL-style records: ``image`` + boxes / points /
+  polylines, `swim.data.geometry`).
 - `ChatRecord`: LLaVA-Video-178K style records (``video`` + ``conversations``, no masks) and image records
   (``image`` + ``conversations``).
 - `BenchQRecord`: VideoRefer-Bench-Q, original (``<objectN><region>`` placeholders) or NL-refined (``<ins>``).
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from swim.data.geometry import entry_kind, entry_problem
+
 logger = logging.getLogger(__name__)
 
-# One object's annotation: original frame index (as a string, as in the files) -> {"segmentation": ...}.
+# One object's annotation: original frame index (as a string, as in the files; an image's index for image records)
+# -> {"segmentation": ...} / {"box": ...} / {"points": ...} / {"polyline": ..., "width": ...}.
 ObjectAnnotation = dict[str, dict[str, Any]]
 
 HUMAN_ROLES = ("human", "user")
@@ -99,19 +103,37 @@ class _Base:
     def error(self, field: str, reason: str, code: str = "shape") -> RecordError:
         return RecordError(self.source, self.position, field, reason, code)
 
+    @property
+    def media_files(self) -> tuple[Literal["video", "image"], tuple[Path, ...]]:
+        """("video", (path,)) or ("image", (path, ...)): the record's video, or its images in order."""
+        images = getattr(self, "images", ())
+        if images:
+            return "image", tuple(self._resolve(i) for i in images)
+        return "video", (self._resolve(self.video),)
+
+    @property
+    def media(self) -> tuple[Literal["video", "image"], Path]:
+        """The media kind and the (first) file."""
+        kind, files = self.media_files
+        return kind, files[0]
+
 
 @dataclass(frozen=True)
 class NLReferRecord(_Base):
-    """An NL-Refer training record (also the refined VideoRefer-Bench-D, which has the same shape).
+    """An NL-Refer training record (also the refined VideoRefer-Bench-D, which has the same shape), on a video or
+    on one or more images (``"image": "a.png"`` or ``["a.png", "b.png"]`` instead of ``"video"``).
 
-    ``annotation[k]`` holds the masks of object k, which the k-th distinct ``<ins>`` phrase refers to.
-    Records whose ``index`` contains ``"qa"`` or with an empty annotation train the text only (as the
-    official code does) unless the dataset is built with ``supervise_qa=True`` (see `text_only`).
+    ``annotation[k]`` holds the masks (or boxes, points, polylines: `swim.data.geometry`) of object k, keyed by
+    frame index — for images, by image index (``"0"`` for a single image); with ``<ins>`` tags the k-th distinct
+    tagged phrase refers to it. Records whose ``index`` contains ``"qa"`` or with an empty annotation train the
+    text only (as the official code does) unless the dataset is built with ``supervise_qa=True`` (see
+    `text_only`).
     """
 
-    video: str
     conversations: tuple[Turn, ...]
     annotation: tuple[ObjectAnnotation, ...]
+    video: str | None = None
+    images: tuple[str, ...] = ()
     index: str | None = None  # the file's own "index" field (e.g. "videorefer_detailed_caption_12")
     id: Any = None
     height: int | None = None
@@ -121,11 +143,13 @@ class NLReferRecord(_Base):
     @classmethod
     def from_json(cls, obj: Any, *, source: str | Path, index: int, data_root: str | None = None):
         r = _Reader(obj, source, index)
+        video, images = r.media()
         return cls(
             source=str(source),
             position=index,
             data_root=data_root,
-            video=r.path("video"),
+            video=video,
+            images=images,
             conversations=r.conversations("conversations"),
             annotation=r.annotation("annotation"),
             index=r.optional("index", str),
@@ -133,10 +157,6 @@ class NLReferRecord(_Base):
             height=r.optional_int("height"),
             width=r.optional_int("width"),
         )
-
-    @property
-    def media(self) -> tuple[str, Path]:
-        return "video", self._resolve(self.video)
 
     def turns(self) -> tuple[Turn, ...]:
         return self.conversations
@@ -150,11 +170,11 @@ class NLReferRecord(_Base):
 
 @dataclass(frozen=True)
 class ChatRecord(_Base):
-    """A mask-free video or image conversation (LLaVA-Video-178K style, or an ``image`` record)."""
+    """A mask-free video or image conversation (LLaVA-Video-178K style, or ``image``: one path or a list)."""
 
     conversations: tuple[Turn, ...]
     video: str | None = None
-    image: str | None = None
+    images: tuple[str, ...] = ()
     data_source: str | None = None
     id: Any = None
     annotation: tuple[ObjectAnnotation, ...] = ()
@@ -163,23 +183,17 @@ class ChatRecord(_Base):
     @classmethod
     def from_json(cls, obj: Any, *, source: str | Path, index: int, data_root: str | None = None):
         r = _Reader(obj, source, index)
-        has_video, has_image = "video" in r.obj, "image" in r.obj
-        if has_video == has_image:
-            raise r.err("video", "needs exactly one of 'video' or 'image'")
+        video, images = r.media()
         return cls(
             source=str(source),
             position=index,
             data_root=data_root,
             conversations=r.conversations("conversations"),
-            video=r.path("video") if has_video else None,
-            image=r.path("image") if has_image else None,
+            video=video,
+            images=images,
             data_source=r.optional("data_source", str),
             id=r.obj.get("id"),
         )
-
-    @property
-    def media(self) -> tuple[str, Path]:
-        return ("video", self._resolve(self.video)) if self.video else ("image", self._resolve(self.image))
 
     def turns(self) -> tuple[Turn, ...]:
         return self.conversations
@@ -233,10 +247,6 @@ class BenchQRecord(_Base):
         )
 
     @property
-    def media(self) -> tuple[str, Path]:
-        return "video", self._resolve(self.video)
-
-    @property
     def answer_letter(self) -> str:
         m = re.match(r"\s*\(?([A-Z])\)?", self.answer)
         return m.group(1) if m else self.answer.strip()[:1]
@@ -288,10 +298,6 @@ class BenchDRecord(_Base):
             frame_idx=_opt_str(r.obj.get("frame_idx")),
             id=r.obj.get("id"),
         )
-
-    @property
-    def media(self) -> tuple[str, Path]:
-        return "video", self._resolve(self.video)
 
     def turns(self, default_prompt: str = BENCH_D_PROMPT) -> tuple[Turn, ...]:
         return (Turn("user", self.question or default_prompt), Turn("assistant", self.caption))
@@ -464,6 +470,22 @@ class _Reader:
             raise self.err(key, "empty path")
         return v
 
+    def media(self) -> tuple[str | None, tuple[str, ...]]:
+        """(video, images): exactly one of "video" (a path) or "image" (a path or a non-empty list of paths)."""
+        has_video, has_image = "video" in self.obj, "image" in self.obj
+        if has_video == has_image:
+            raise self.err("video", "needs exactly one of 'video' or 'image'")
+        if has_video:
+            return self.path("video"), ()
+        images = self.obj["image"]
+        if isinstance(images, str):
+            return None, (self.path("image"),)
+        if not (
+            isinstance(images, list) and images and all(isinstance(i, str) and i.strip() for i in images)
+        ):
+            raise self.err("image", "expected a path or a non-empty list of paths")
+        return None, tuple(images)
+
     def conversations(self, key: str) -> tuple[Turn, ...]:
         conv = self.require(key, list)
         if len(conv) < 2:
@@ -509,10 +531,19 @@ class _Reader:
                 ff = f"{f}[{frame!r}]"
                 if not (isinstance(frame, str) and frame.isdigit()):
                     raise self.err(ff, "frame key must be a non-negative integer string")
-                if not isinstance(entry, dict) or "segmentation" not in entry:
-                    raise self.err(ff, "expected {'segmentation': ...}")
-                _check_segmentation_shape(entry["segmentation"], self.err, f"{ff}.segmentation")
-            if all(entry["segmentation"] is None for entry in obj.values()):
+                if not isinstance(entry, dict):
+                    raise self.err(
+                        ff, f"expected an object such as {{'segmentation': ...}}, got {type(entry).__name__}"
+                    )
+                try:
+                    kind = entry_kind(entry)
+                except ValueError as e:
+                    raise self.err(ff, str(e)) from None
+                if kind == "segmentation":
+                    _check_segmentation_shape(entry["segmentation"], self.err, f"{ff}.segmentation")
+                elif problem := entry_problem(kind, entry):
+                    raise self.err(f"{ff}.{kind}", problem)
+            if all(entry.get("segmentation", True) is None for entry in obj.values()):
                 raise self.err(f, "object has no annotated frame (all segmentations are null)")
             out.append(obj)
         return tuple(out)

@@ -1,6 +1,7 @@
 """Synthetic referring-video data: coloured shapes moving on black, with exact occlusion-aware masks.
 
     swim data synth OUT_DIR --seed 0 --num-train 200 --num-val 50 [--size 112 --frames 8 ...]
+    swim data synth OUT_DIR --task grid_patch|line_intersection|line_tracing|points|rec ...   (swim.data.klal_synth)
 
 writes, with every path relative to OUT_DIR:
 - `train.json`, `val.json`: NL-Refer-style records (`video`, `index`, `conversations`, `annotation`, `height`,
@@ -30,6 +31,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -486,6 +488,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--task" or a.startswith("--task=") for a in argv):  # KLAL's image tasks
+        from swim.data.klal_synth import main as klal_main
+
+        klal_main(argv)
+        return
     args = _parser().parse_args(argv)
     cfg = SynthConfig(
         **{

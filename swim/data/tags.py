@@ -26,12 +26,17 @@ Objects: the k-th distinct tagged phrase (order of first appearance in the rende
 case-insensitively after stripping) refers to ``annotation[k]``; every occurrence of a phrase (question and
 answer, repeated) is supervised. If the number of distinct phrases differs from the number of objects, the
 text is kept but attention supervision is dropped and a reason is returned (`TextSample.skip_reason`).
+
+Which tokens are supervised is chosen by ``query`` (the recipe key ``attn_query``, `QUERY_SELECTORS`): the tagged
+words (``tags``, SWIM), or, from the answer ranges that also give ``labels``, the last token of each assistant
+answer (``answer_last``, KLAL) or all of its tokens (``answer_all``); a KLAL record needs no tags.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -171,12 +176,14 @@ def build_text(
     n_objects: int = 0,
     supervise: bool = True,
     system_prompt: str | None = SWIM_SYSTEM_PROMPT,
+    query: str = "tags",
 ) -> TextSample:
     """Render, tokenize and align one conversation.
 
     ``media`` lists one `VisionSpan` per image/video (or ``(kind, n_tokens)``: one contiguous run of K =
-    ``t*h*w / merge**2`` tokens), placed at the start of the first user turn. With ``supervise=False`` or
-    ``n_objects == 0`` no queries are produced (tags are still validated and removed). Raises `TagError`.
+    ``t*h*w / merge**2`` tokens), placed at the start of the first user turn. ``query`` chooses the supervised
+    tokens (`QUERY_SELECTORS`). With ``supervise=False`` or ``n_objects == 0`` no queries are produced (tags are
+    still validated and removed). Raises `TagError`.
     """
     media = [m if isinstance(m, VisionSpan) else VisionSpan(m[0], m[1]) for m in media]
     phrases = check_turn_tags(turns)
@@ -194,13 +201,10 @@ def build_text(
     queries: list[tuple[int, int]] = []  # (token position, object)
     skip_reason, straddling = None, 0
     if supervise and n_objects > 0:
-        objects, skip_reason = assign_objects(phrases, n_objects)
-        if objects is not None:
-            for (s, e), obj in zip(tag_ranges, objects, strict=True):
-                s, e = _trim(clean, s, e)
-                tokens = _tokens_overlapping(offsets, s, e)
-                queries += [(p, obj) for p in tokens]
-                straddling += sum(_straddles(clean, *offsets[p], s, e) for p in tokens)
+        if query not in QUERY_SELECTORS:
+            raise ValueError(f"query must be one of {QUERY_MODES}, got {query!r}")
+        aligned = Alignment(clean, offsets, tag_ranges, answer_ranges, phrases)
+        queries, skip_reason, straddling = QUERY_SELECTORS[query](aligned, n_objects)
 
     new_ids, types, new_pos = expand_vision(tokenizer, ids, media)
     lab = [-100] * len(new_ids)
@@ -218,6 +222,60 @@ def build_text(
         spans=[(s, e, clean[s:e]) for s, e in tag_ranges],
         straddling=straddling,
     )
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """One rendered conversation, as the query selectors see it: the clean text, each token's character range,
+    the tagged spans' and the assistant answers' character ranges (answers without their end-of-turn token), and
+    the tagged phrases in order."""
+
+    text: str
+    offsets: list[tuple[int, int]]
+    tag_ranges: list[tuple[int, int]]
+    answer_ranges: list[tuple[int, int]]
+    phrases: list[str]
+
+
+Queries = tuple[
+    list[tuple[int, int]], str | None, int
+]  # ((token, object) pairs, skip reason, straddling tokens)
+
+
+def tag_queries(aligned: Alignment, n_objects: int) -> Queries:
+    """SWIM: every token of every tagged phrase; the k-th distinct phrase is object k (a count mismatch drops the
+    supervision, with a reason)."""
+    objects, reason = assign_objects(aligned.phrases, n_objects)
+    if objects is None:
+        return [], reason, 0
+    queries, straddling = [], 0
+    for (s, e), obj in zip(aligned.tag_ranges, objects, strict=True):
+        s, e = _trim(aligned.text, s, e)
+        tokens = _tokens_overlapping(aligned.offsets, s, e)
+        queries += [(p, obj) for p in tokens]
+        straddling += sum(_straddles(aligned.text, *aligned.offsets[p], s, e) for p in tokens)
+    return queries, None, straddling
+
+
+def answer_queries(aligned: Alignment, n_objects: int, *, last: bool) -> Queries:
+    """KLAL: the answer tokens (every content token of each assistant answer, or only its last one; never the
+    end-of-turn token). The answer as a whole refers to every annotated object: each row is paired with each
+    object, so a record with one object gives one (row, object) query per row."""
+    rows = []
+    for s, e in aligned.answer_ranges:
+        tokens = sorted(_tokens_starting_in(aligned.offsets, [(s, e)]))
+        tokens = [p for p in tokens if aligned.text[slice(*aligned.offsets[p])].strip()]
+        rows += tokens[-1:] if last else tokens
+    return [(p, k) for p in rows for k in range(n_objects)], None, 0
+
+
+# attn_query: how the supervised rows are chosen; each selector maps an `Alignment` to (token, object) queries.
+QUERY_SELECTORS: dict[str, Callable[[Alignment, int], Queries]] = {
+    "tags": tag_queries,
+    "answer_last": functools.partial(answer_queries, last=True),
+    "answer_all": functools.partial(answer_queries, last=False),
+}
+QUERY_MODES = tuple(QUERY_SELECTORS)
 
 
 def expand_vision(

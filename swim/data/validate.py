@@ -1,4 +1,5 @@
-"""``swim validate PATH [--data-root R] [--json] [--strict]``: check every record of a record file or mixture.
+"""``swim validate PATH [--data-root R] [--json] [--strict] [--query Q]``: check every record of a record file or
+mixture.
 
 With ``--layout mevis|ytvos|davis|refcoco`` (``--split``, ``--dataset``), PATH is a referring-segmentation dataset
 folder instead, checked by `swim.data.rvos.validate_layout` / `swim.data.refcoco.validate_refcoco` (frames and
@@ -8,8 +9,9 @@ PATH is a record file (``.json`` array / ``.jsonl``) or a mixture YAML (`swim.da
 checked for: JSON shape and types; empty or malformed conversations; unclosed, nested or stray ``<ins>``
 tags; tag/object count mismatch; Qwen control-token strings (``<|im_end|>``, ``<|video_pad|>``, ...) in the
 text, which the tokenizer would read as control tokens (`check_control_tokens`); missing or unreadable/corrupt
-video (probed once per distinct video, the slow part); RLE/polygon decode; mask size vs video size; annotated
-frame index beyond the video.
+video or image (probed once per distinct video, the slow part); RLE/polygon decode; mask size vs video size;
+annotated frame index beyond the video (image index beyond the record's images); boxes, points and polylines
+malformed (wrong arity, degenerate: reported when the file is read) or outside their frame (``out_of_bounds``).
 
 Output: one line per problem, ``file:index: field: reason``, then a summary; ``--json`` prints a JSON list of
 ``{"file", "index", "field", "reason", "code"}`` instead. Exit status 1 if there is any problem.
@@ -27,12 +29,14 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from swim.data.control_tokens import find_control_tokens
+from swim.data.geometry import bounds_problem, entry_kind
 from swim.data.masks import MaskDecodeError, decode_segmentation
 from swim.data.records import Record, RecordError, load_records
-from swim.data.tags import TagError, assign_objects, check_turn_tags
+from swim.data.tags import QUERY_MODES, TagError, assign_objects, check_turn_tags
 from swim.data.video import VideoDecodeError, VideoInfo, VideoSettings, probe_video
 
 logger = logging.getLogger(__name__)
@@ -47,13 +51,14 @@ def turn_field(record: Record, turn: int) -> str:
     return f"conversations[{turn}].value"
 
 
-def check_tags(record: Record, *, supervise_qa: bool = False) -> list[RecordError]:
-    """Malformed tags, and (for records with supervised masks) the tag/object count."""
+def check_tags(record: Record, *, supervise_qa: bool = False, query: str = "tags") -> list[RecordError]:
+    """Malformed tags, and (for records with supervised masks whose rows are the tagged words, ``query="tags"``)
+    the tag/object count. With answer-token rows (``answer_last`` / ``answer_all``) tags are optional."""
     try:
         phrases = check_turn_tags(record.turns())
     except TagError as e:
         return [record.error(turn_field(record, e.turn or 0), e.reason, "tags")]
-    if record.text_only(supervise_qa) or not record.annotation:
+    if record.text_only(supervise_qa) or not record.annotation or query != "tags":
         return []
     _, reason = assign_objects(phrases, len(record.annotation))
     return [record.error("annotation", reason, "tag_count")] if reason else []
@@ -77,54 +82,78 @@ def check_control_tokens(record: Record) -> list[RecordError]:
     return problems
 
 
-def probe_media(record: Record, settings: VideoSettings | None = None) -> VideoInfo | None:
-    """Probe the record's video (None for images); raises `RecordError` (``missing_video`` /
-    ``unreadable_video``). Images are only checked for existence and readability."""
-    kind, path = record.media
-    if not path.exists():
-        return _raise(record.error(kind, f"not found: {path}", f"missing_{kind}"))
-    if kind == "image":
-        try:
-            from PIL import Image
+@dataclass
+class ImagesInfo:
+    """The sizes `(height, width)` of an image record's images, in order (image i is annotation frame i)."""
 
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as e:
-            raise record.error("image", f"unreadable: {path}: {e}", "unreadable_image") from None
-        return None
+    sizes: list[tuple[int, int]]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.sizes)
+
+
+MediaInfo = VideoInfo | ImagesInfo
+
+
+def probe_media(record: Record, settings: VideoSettings | None = None) -> MediaInfo:
+    """Probe the record's video, or open its images; raises `RecordError` (``missing_video`` /
+    ``unreadable_video``, ``missing_image`` / ``unreadable_image``)."""
+    kind, files = record.media_files
+    for i, path in enumerate(files):
+        if not path.exists():
+            field = kind if len(files) == 1 else f"{kind}[{i}]"
+            raise record.error(field, f"not found: {path}", f"missing_{kind}")
+    if kind == "image":
+        return ImagesInfo([_image_size(record, path, i, len(files)) for i, path in enumerate(files)])
     try:
-        return probe_video(path, settings)
+        return probe_video(files[0], settings)
     except VideoDecodeError as e:
         raise record.error("video", f"unreadable: {e.reason}", "unreadable_video") from None
 
 
-def _raise(err: RecordError):
-    raise err
+def _image_size(record: Record, path: Path, i: int, n: int) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+            return im.height, im.width
+    except Exception as e:
+        field = "image" if n == 1 else f"image[{i}]"
+        raise record.error(field, f"unreadable: {path}: {e}", "unreadable_image") from None
 
 
-def check_masks(record: Record, info: VideoInfo, *, decode_masks: bool = True) -> list[RecordError]:
-    """Annotated frame indices within the video, mask size == video size, and (``decode_masks``) that every
-    RLE/polygon decodes to a mask of the video's size."""
+def check_masks(record: Record, info: MediaInfo, *, decode_masks: bool = True) -> list[RecordError]:
+    """Annotated frame (image) indices within the video (the record's images), mask size == frame size, boxes,
+    points and polylines inside the frame (``out_of_bounds``), and (``decode_masks``) that every RLE/polygon
+    decodes to a mask of the frame's size."""
     problems = []
-    hw = (info.height, info.width)
+    images = isinstance(info, ImagesInfo)
     rec_hw = (getattr(record, "height", None), getattr(record, "width", None))
-    if all(rec_hw) and rec_hw != hw:
-        problems.append(
-            record.error(
-                "height", f"record size {rec_hw[0]}x{rec_hw[1]} != video size {hw[0]}x{hw[1]}", "mask_size"
-            )
-        )
+    if all(rec_hw) and (not images or info.num_frames == 1):
+        hw = info.sizes[0] if images else (info.height, info.width)
+        if rec_hw != hw:
+            problems.append(record.error("height", f"record size {rec_hw[0]}x{rec_hw[1]} != {'image' if images else 'video'} "
+                                         f"size {hw[0]}x{hw[1]}", "mask_size"))  # fmt: skip
     for k, obj in enumerate(record.annotation):
         for frame, entry in obj.items():
             field = f"annotation[{k}][{frame!r}]"
             if int(frame) >= info.num_frames:
-                problems.append(
-                    record.error(
-                        field,
-                        f"frame index {frame} beyond the video ({info.num_frames} frames)",
-                        "frame_range",
-                    )
+                what = (
+                    f"the record's {info.num_frames} image(s)"
+                    if images
+                    else f"the video ({info.num_frames} frames)"
                 )
+                problems.append(record.error(field, f"frame index {frame} beyond {what}", "frame_range"))
+                if images:
+                    continue
+            hw = info.sizes[int(frame)] if images else (info.height, info.width)
+            kind = entry_kind(entry)
+            if kind != "segmentation":
+                if reason := bounds_problem(kind, entry, *hw):
+                    problems.append(record.error(f"{field}.{kind}", reason, "out_of_bounds"))
+                continue
             seg = entry["segmentation"]
             if seg is None:  # not annotated on this frame
                 continue
@@ -160,17 +189,19 @@ def check_masks(record: Record, info: VideoInfo, *, decode_masks: bool = True) -
 
 def check_record(
     record: Record,
-    info: VideoInfo | None,
+    info: MediaInfo | None,
     *,
     decode_masks: bool = True,
     supervise_qa: bool = False,
     masks: bool = True,
+    query: str = "tags",
 ) -> list[RecordError]:
-    """All semantic checks of one (already shape-validated) record against its probed video ``info``.
+    """All semantic checks of one (already shape-validated) record against its probed media ``info``.
 
-    ``masks=False`` skips the mask checks (text-only samples do not use their masks).
+    ``masks=False`` skips the annotation checks (text-only samples do not use their annotations); ``query``: how
+    the supervised rows are chosen (`swim.data.tags.QUERY_SELECTORS`).
     """
-    problems = check_tags(record, supervise_qa=supervise_qa)
+    problems = check_tags(record, supervise_qa=supervise_qa, query=query)
     if masks and info is not None and record.annotation:
         problems += check_masks(record, info, decode_masks=decode_masks)
     return problems
@@ -182,22 +213,23 @@ def validate_records(
     settings: VideoSettings | None = None,
     decode_masks: bool = True,
     strict: bool = False,
+    query: str = "tags",
 ) -> list[RecordError]:
-    """Problems of every record; each distinct video is probed once."""
-    probes: dict[Path, VideoInfo | RecordError | None] = {}
+    """Problems of every record; each distinct video (image set) is probed once."""
+    probes: dict[tuple[Path, ...], MediaInfo | RecordError] = {}
     problems: list[RecordError] = []
     for rec in records:
-        path = rec.media[1]
-        if path not in probes:
+        key = rec.media_files[1]
+        if key not in probes:
             try:
-                probes[path] = probe_media(rec, settings)
+                probes[key] = probe_media(rec, settings)
             except RecordError as e:
-                probes[path] = e
-        got = probes[path]
-        found = check_tags(rec) + check_control_tokens(rec)
+                probes[key] = e
+        got = probes[key]
+        found = check_tags(rec, query=query) + check_control_tokens(rec)
         if isinstance(got, RecordError):
             found.append(RecordError(rec.source, rec.position, got.field, got.reason, got.code))
-        elif got is not None and rec.annotation:
+        elif rec.annotation:
             found += check_masks(rec, got, decode_masks=decode_masks)
         problems += found
         if strict and problems:
@@ -205,7 +237,9 @@ def validate_records(
     return problems
 
 
-def collect(path: str | Path, data_root: str | None, strict: bool) -> tuple[int, list[RecordError]]:
+def collect(
+    path: str | Path, data_root: str | None, strict: bool, query: str = "tags"
+) -> tuple[int, list[RecordError]]:
     """(number of records read, problems) for a record file or a mixture YAML."""
     path = Path(path)
     problems: list[RecordError] = []
@@ -226,7 +260,7 @@ def collect(path: str | Path, data_root: str | None, strict: bool) -> tuple[int,
         problems += bad
         if strict and problems:
             break
-        problems += validate_records(records, strict=strict)
+        problems += validate_records(records, strict=strict, query=query)
         n += len(records) + len(bad)
         if strict and problems:
             break
@@ -256,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the problems as a JSON list")
     parser.add_argument("--strict", action="store_true", help="stop at the first problem")
     parser.add_argument(
+        "--query", default="tags", choices=QUERY_MODES,
+        help="how the supervised rows are chosen (as attn_query in training): with answer_last / answer_all the "
+        "<ins> tags are optional, so their count is not checked against the objects",
+    )  # fmt: skip
+    parser.add_argument(
         "--layout",
         choices=["mevis", "ytvos", "davis", "refcoco"],
         help="PATH is a referring-segmentation dataset in this layout (swim.data.rvos, swim.data.refcoco)",
@@ -266,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    n, problems = collect_layout(args) if args.layout else collect(args.path, args.data_root, args.strict)
+    if args.layout:
+        n, problems = collect_layout(args)
+    else:
+        n, problems = collect(args.path, args.data_root, args.strict, args.query)
     if args.json:
         print(json.dumps([p.as_dict() for p in problems], indent=1))
     else:

@@ -462,3 +462,28 @@ def load_video(
         resized_hw=resized_hw,
         frames=frames if keep_frames else None,
     )
+
+
+@dataclass
+class ImageInput:
+    """One patchified image ready for the model: a single temporal group (the frame repeated over the temporal
+    patch, as Qwen's image processor does)."""
+
+    pixel_values: torch.Tensor  # float32 [h*w, 3*tp*p*p]
+    grid_thw: tuple[int, int, int]  # (1, H / p, W / p)
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+
+def load_image(path: str | os.PathLike, settings: VideoSettings | None = None) -> ImageInput:
+    """Read an image (any PIL format), smart-resize it within the settings' per-image pixel budget
+    (`min_pixels`..`max_pixels`, a multiple of the merged-token side) and patchify it. Raises `OSError` /
+    PIL's errors for an unreadable file."""
+    from PIL import Image
+
+    settings = settings or VideoSettings()
+    with Image.open(path) as im:
+        rgb = np.array(im.convert("RGB"))
+    hw = smart_resize(rgb.shape[0], rgb.shape[1], settings.factor, settings.min_pixels, settings.max_pixels)
+    pixel_values, grid = patchify(resize_frames(rgb[None], hw), settings)
+    return ImageInput(pixel_values, grid, (int(rgb.shape[0]), int(rgb.shape[1])), hw)

@@ -1,5 +1,5 @@
-"""Batched greedy generation on videos with a stock checkpoint of any supported family (for `swim infer` and
-the benches).
+"""Batched greedy generation on videos or images with a stock checkpoint of any supported family (for
+`swim infer`, `swim eval answers` and the benches).
 
 No processor and no torchvision: the tokenizer renders the chat template, `swim.data.video.load_video` gives
 the patchified frames (the same sampler and resize as training, configured by the same `VideoSettings` of the
@@ -8,8 +8,10 @@ model's family), and the rendered prompt's video placeholder is expanded by the 
 vision block per temporal group for Qwen3-VL / Qwen3.5 (transformers 5.23's `Qwen3VLProcessor` nests the vision
 markers, so it is not used). The model also gets ``mm_token_type_ids`` (2 at video tokens; without it
 transformers silently falls back to 1-D positions), ``video_grid_thw`` and, for Qwen2.5-VL,
-``second_per_grid_ts``. Batches are LEFT-padded, so every prompt ends at the same column and new tokens are
-appended after it.
+``second_per_grid_ts``. Images (`GenItem.images`) are read by `swim.data.video.load_image` with the same per-frame
+pixel budget as in training and expanded the same way (one run of image tokens each, ``mm_token_type_ids`` 1,
+``pixel_values`` / ``image_grid_thw``). Batches are LEFT-padded, so every prompt ends at the same column and new
+tokens are appended after it.
 
 Generation is greedy (``do_sample=False``). The checkpoint's ``generation_config`` is used only for its
 ``repetition_penalty`` (Qwen2.5-VL-Instruct ships 1.05, which the official SWIM eval therefore used) unless
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from swim.data.tags import SWIM_SYSTEM_PROMPT, TagError, expand_vision
-from swim.data.video import VideoClip, VideoSettings, load_video
+from swim.data.video import ImageInput, VideoClip, VideoSettings, load_image, load_video
 from swim.eval.sharding import (
     JsonlStore,
     Shard,
@@ -49,7 +51,7 @@ from swim.modeling.families import FamilySpec, VisionSpan, family_of
 
 logger = logging.getLogger(__name__)
 
-VIDEO_PAD = "<|video_pad|>"
+VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
 GENERATIONS_STEM = "generations"  # OUT/generations[.shard-XX-of-NN].jsonl
 NO_SYSTEM_PROMPT = "none"  # `--system-prompt none`: no system turn (the chat template adds its own default)
 
@@ -264,36 +266,49 @@ def load_model(
 # Prompts and model inputs
 
 
-def build_messages(question: str, system_prompt: str | None = SWIM_SYSTEM_PROMPT) -> list[dict[str, Any]]:
-    """Chat messages: optional system turn, then the user turn with the video first and the question after."""
+def build_messages(
+    question: str, system_prompt: str | None = SWIM_SYSTEM_PROMPT, media: Sequence[str] = ("video",)
+) -> list[dict[str, Any]]:
+    """Chat messages: optional system turn, then the user turn with the media first (one video, or images) and
+    the question after."""
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append(
-        {"role": "user", "content": [{"type": "video", "video": ""}, {"type": "text", "text": question}]}
-    )
+    content = [{"type": kind, kind: ""} for kind in media] + [{"type": "text", "text": question}]
+    messages.append({"role": "user", "content": content})
     return messages
 
 
-def render_prompt(tokenizer, question: str, system_prompt: str | None = SWIM_SYSTEM_PROMPT) -> str:
-    """The chat-template text up to and including ``<|im_start|>assistant\\n`` (one ``<|video_pad|>``)."""
-    messages = build_messages(question, system_prompt)
+def render_prompt(
+    tokenizer,
+    question: str,
+    system_prompt: str | None = SWIM_SYSTEM_PROMPT,
+    media: Sequence[str] = ("video",),
+) -> str:
+    """The chat-template text up to and including ``<|im_start|>assistant\n`` (one ``<|video_pad|>``, or one
+    ``<|image_pad|>`` per image)."""
+    messages = build_messages(question, system_prompt, media)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if text.count(VIDEO_PAD) != 1:
-        raise ValueError(f"chat template rendered {text.count(VIDEO_PAD)} {VIDEO_PAD} tokens, expected 1")
+    for pad, kind in ((VIDEO_PAD, "video"), (IMAGE_PAD, "image")):
+        wanted = sum(m == kind for m in media)
+        if text.count(pad) != wanted:
+            raise ValueError(f"chat template rendered {text.count(pad)} {pad} tokens, expected {wanted}")
     return text
 
 
 @dataclass
 class EncodedPrompt:
-    """One prompt's model inputs (unbatched)."""
+    """One prompt's model inputs (unbatched): a video, or images."""
 
     input_ids: torch.Tensor  # Long [L]
-    mm_token_type_ids: torch.Tensor  # Long [L], 2 at video tokens
-    pixel_values_videos: torch.Tensor  # float [t*h*w, 3*tp*p*p]
-    video_grid_thw: tuple[int, int, int]
-    second_per_grid_ts: float | None  # Qwen2.5-VL only
+    mm_token_type_ids: torch.Tensor  # Long [L], 1 at image tokens, 2 at video tokens
+    pixel_values_videos: torch.Tensor | None  # float [t*h*w, 3*tp*p*p] (None: images)
+    video_grid_thw: tuple[int, int, int] | None
+    second_per_grid_ts: float | None  # Qwen2.5-VL videos only
     span: VisionSpan | None = None  # the video's token layout (timestamps for Qwen3-VL / Qwen3.5)
+    pixel_values: torch.Tensor | None = None  # images: float [Σ h*w, 3*tp*p*p]
+    image_grid_thw: list[tuple[int, int, int]] | None = None
+    images: list[ImageInput] | None = None  # the images as loaded (sizes, for answers in pixels and overlays)
 
 
 def encode_prompt(
@@ -323,8 +338,31 @@ def encode_prompt(
     )
 
 
+def encode_image_prompt(
+    tokenizer, prompt_text: str, images: Sequence[ImageInput], family: FamilySpec | None = None
+) -> EncodedPrompt:
+    """Tokenize `prompt_text` and expand its image placeholders (one per image, in order) to the images' tokens,
+    as training does."""
+    family = family or family_of("qwen2_5_vl")
+    ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    try:
+        ids, types, _ = expand_vision(tokenizer, ids, [family.image_span(image.grid_thw) for image in images])
+    except TagError as e:
+        raise ValueError(f"prompt: {e}") from None
+    return EncodedPrompt(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        mm_token_type_ids=torch.tensor(types, dtype=torch.long),
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        pixel_values=torch.cat([image.pixel_values for image in images]),
+        image_grid_thw=[tuple(int(v) for v in image.grid_thw) for image in images],
+        images=list(images),
+    )
+
+
 def collate_left(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a list of prompts into one generate() batch."""
+    """Left-pad a list of prompts (videos, images or both) into one generate() batch."""
     if not prompts:
         raise ValueError("empty batch")
     length = max(p.input_ids.numel() for p in prompts)
@@ -337,16 +375,20 @@ def collate_left(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[st
         input_ids[i, length - k :] = p.input_ids
         attention_mask[i, length - k :] = 1
         mm_token_type_ids[i, length - k :] = p.mm_token_type_ids
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": mm_token_type_ids,
-        "pixel_values_videos": torch.cat([p.pixel_values_videos for p in prompts]),
-        "video_grid_thw": torch.tensor([p.video_grid_thw for p in prompts], dtype=torch.long),
-    }
-    if prompts[0].second_per_grid_ts is not None:
-        batch["second_per_grid_ts"] = torch.tensor(
-            [p.second_per_grid_ts for p in prompts], dtype=torch.float32
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+    videos = [p for p in prompts if p.pixel_values_videos is not None]
+    if videos:
+        batch["pixel_values_videos"] = torch.cat([p.pixel_values_videos for p in videos])
+        batch["video_grid_thw"] = torch.tensor([p.video_grid_thw for p in videos], dtype=torch.long)
+        if videos[0].second_per_grid_ts is not None:
+            batch["second_per_grid_ts"] = torch.tensor(
+                [p.second_per_grid_ts for p in videos], dtype=torch.float32
+            )
+    images = [p for p in prompts if p.pixel_values is not None]
+    if images:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in images])
+        batch["image_grid_thw"] = torch.tensor(
+            [g for p in images for g in p.image_grid_thw], dtype=torch.long
         )
     return batch
 
@@ -400,11 +442,13 @@ def generate_batch(
 
 @dataclass
 class GenItem:
-    """One prompt to answer: `question` is the final user text (tags and placeholders already handled)."""
+    """One prompt to answer: `question` is the final user text (tags and placeholders already handled), about
+    `video`, or about `images` (then `video` is None)."""
 
     key: str
-    video: Path
+    video: Path | None
     question: str
+    images: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -441,7 +485,13 @@ class Generator:
         )
 
     def encode(self, item: GenItem) -> EncodedPrompt:
-        """Decode the video and build the prompt (raises `VideoDecodeError` / `ValueError`)."""
+        """Decode the video (or read the images) and build the prompt (raises `VideoDecodeError` / `ValueError`
+        / `OSError`). Images use the video settings' per-frame pixel budget, as in training."""
+        if item.images:
+            images = [load_image(path, self.video_settings) for path in item.images]
+            prompt = render_prompt(self.loaded.tokenizer, item.question, self.settings.system_prompt,
+                                   media=("image",) * len(images))  # fmt: skip
+            return encode_image_prompt(self.loaded.tokenizer, prompt, images, self.family)
         loader = self.clip_loader or load_video
         clip = loader(item.video, self.video_settings)
         prompt = render_prompt(self.loaded.tokenizer, item.question, self.settings.system_prompt)
@@ -515,7 +565,7 @@ class Generator:
                 text=text,
                 n_prompt_tokens=int(x.input_ids.numel()),
                 n_new_tokens=len(new),
-                video_grid_thw=list(x.video_grid_thw),
+                video_grid_thw=list(x.video_grid_thw) if x.video_grid_thw is not None else None,
             )
             for item, x, text, new in zip(items, encoded, texts, ids)
         ]

@@ -1,21 +1,29 @@
-"""Attention-grounding evaluation: where do the tagged words look?
+"""Attention-grounding evaluation: where do the supervised rows (tagged words, answer tokens) look?
 
     swim eval grounding --model DIR --data FILE [--data-root R] [--out DIR] [--layers 2 7 ...] [--query-offset 0]
+                        [--query tags|answer_last|answer_all]
 
-For every record with masks, the question and answer are teacher-forced, and the attention rows of the tagged
-words' tokens are computed from the q/k captured in that forward (`swim.modeling.AttentionProbe`) for the chosen
-layers. Per (row, temporal group) pair with a mask, on the merged token grid of that group (head mean,
-renormalised over the group's tokens):
+For every record with an annotation, the question and answer are teacher-forced, and the attention rows of the
+supervised tokens are computed from the q/k captured in that forward (`swim.modeling.AttentionProbe`) for the
+chosen layers. Per (row, group) pair with an annotation, on the merged token grid of that group (a video's
+temporal group or an image; heads fused as in training, renormalised over the group's tokens):
 
 - `pointing_game`: the arg-max token is inside the object (its cell covered by at least `min_cover` of mask);
 - `pointing_game_at_k`: fraction of the top-k tokens inside the object (the reference's GamePoint@k);
 - `auc`: ROC-AUC of the map against the inside/outside labels (pairs whose group is all inside or all outside
   are counted in `auc_undefined`, not averaged);
 - `nss`: mean z-scored attention over the inside tokens;
-- `mask_mass`: attention mass on tokens the mask touches at all.
+- `mask_mass`: attention mass on tokens the mask touches at all;
+- `attn_ratio`: KLAL's attention ratio (its Figure 4): the mean attention of the inside tokens over the mean
+  attention of all the group's tokens (1 for uniform attention, `1 / chance_pointing_game` at most).
 Reported per layer and for the layers' fused map (mean of the group-normalised maps), with the chance level of a
 uniformly random token (`chance_pointing_game`) and of uniform attention (`chance_mask_mass`). Micro-average
-over pairs. Works for any checkpoint of a supported family, so stock and fine-tuned models can be compared.
+over pairs (the ratio too: the mean of the per-pair ratios). Works for any checkpoint of a supported family, so
+stock and fine-tuned models can be compared.
+
+The rows are those the data side supervises (`--query`: the `<ins>`-tagged words, or KLAL's answer tokens), and
+a group is a video's temporal group or an image; "inside" reads the annotation's area map (mask, box, points or
+line), whatever target the loss was trained with.
 """
 
 from __future__ import annotations
@@ -31,9 +39,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from swim.data.tags import SWIM_SYSTEM_PROMPT
-from swim.modeling.capture import AttentionProbe, supervised_layers, video_token_positions
-from swim.modeling.losses import group_normalize
+from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT
+from swim.modeling.capture import (
+    ALL_LAYERS,
+    AttentionProbe,
+    supervised_layers,
+    vision_token_ids,
+    vision_token_positions,
+)
+from swim.modeling.losses import HEAD_FUSIONS, group_normalize
 from swim.modeling.objective import supervised_rows
 
 logger = logging.getLogger(__name__)
@@ -69,6 +83,7 @@ def map_metrics(attn: torch.Tensor, target: torch.Tensor, cfg: GroundingMetricsC
         auc = float("nan")
     z = (p - p.mean()) / p.std(unbiased=False).clamp_min(1e-300)
     return {
+        "attn_ratio": float(p[inside].mean() / p.mean()) if n_in else float("nan"),
         "pointing_game": float((peak & inside).sum()) / float(peak.sum()),
         "pointing_game_at_k": in_top_k / k,
         "auc": auc,
@@ -128,11 +143,12 @@ def evaluate_grounding(
     layers: list[int] | None,
     *,
     query_offset: int = 0,
+    head_fusion: str = "mean",
     metrics: GroundingMetricsConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """Grounding metrics of `model` over collated `batches` (docs/batch_contract.md):
-    {"fused": {...}, "layer L": {...}}, each micro-averaged over (row, temporal group) pairs. `layers`: decoder
-    layer indices (None: the default supervised layers of the model)."""
+    {"fused": {...}, "layer L": {...}}, each micro-averaged over (row, group) pairs. `layers`: decoder layer
+    indices, "all", or None (the default supervised layers of the model); `head_fusion` as in training."""
     metrics = metrics or GroundingMetricsConfig()
     device = next(model.parameters()).device
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
@@ -149,11 +165,12 @@ def evaluate_grounding(
             rows = supervised_rows(grounding, query_offset)
             with probe.capture(rows):
                 model(**batch, use_cache=False, logits_to_keep=1)
-            video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
-            attn = probe.video_attention(rows, video_positions, batch["attention_mask"])  # [Λ, B, n, K]
+            vision_positions = vision_token_positions(batch["input_ids"], vision_token_ids(model.config))
+            k = vision_positions.shape[1]
+            groups = grounding["vision_token_group"][:, :k]
+            attn = probe.vision_attention(rows, vision_positions, batch["attention_mask"], head_fusion=head_fusion,
+                                          groups=groups)  # [Λ, B, n, K]  # fmt: skip
             probe.clear()
-            k = video_positions.shape[1]
-            groups = grounding["video_token_group"][:, :k]
             obj = grounding["query_objects"].clamp(min=0)
             target = grounding["object_targets"][..., :k].gather(1, obj[..., None].expand(-1, -1, k))
             num_groups = grounding["object_group_valid"].shape[-1]
@@ -169,14 +186,25 @@ def evaluate_grounding(
     return acc.summary()
 
 
+def parse_layers(values: list[str] | None) -> list[int] | str | None:
+    """`--layers 1 3` or `--layers all` (None: the default rule)."""
+    if values is None:
+        return None
+    return ALL_LAYERS if values == [ALL_LAYERS] else [int(v) for v in values]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swim eval grounding", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="record file (NL-Refer / Bench format with masks)")
     parser.add_argument("--data-root", help="default: the data file's folder")
     parser.add_argument("--out", help="write grounding.json here")
-    parser.add_argument("--layers", type=int, nargs="+", help="default: the supervised-layer rule")
+    parser.add_argument(
+        "--layers", nargs="+", help="layer indices or `all`; default: the supervised-layer rule"
+    )
+    parser.add_argument("--query", default="tags", choices=QUERY_MODES, help="supervised rows (attn_query)")
     parser.add_argument("--query-offset", type=int, default=0, choices=[0, -1])
+    parser.add_argument("--head-fusion", default="mean", choices=HEAD_FUSIONS, help="as attn_head_fusion")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--max-frames", type=int, default=32)
@@ -212,20 +240,20 @@ def main(argv: list[str] | None = None) -> dict:
     settings = family.video_settings(num_frames=args.num_frames, max_frames=args.max_frames,
                                      min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
     dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, system_prompt=args.system_prompt,
-                          family=family)  # fmt: skip
+                          family=family, query=args.query)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, collate_fn=SwimCollator(tokenizer.pad_token_id)
     )
     model = stock_model_class(args.model).from_pretrained(args.model).eval()
-    layers = supervised_layers(model, args.layers)
+    layers = supervised_layers(model, parse_layers(args.layers))
     summary = evaluate_grounding(
         model, tqdm(loader, desc="grounding"), layers, query_offset=args.query_offset,
-        metrics=GroundingMetricsConfig(args.min_cover, args.top_k),
+        head_fusion=args.head_fusion, metrics=GroundingMetricsConfig(args.min_cover, args.top_k),
     )  # fmt: skip
     result = {"model": str(args.model), "data": str(args.data), "layers": layers, "records": len(records),
               "skipped_records": dataset.skips.summary(), "metrics": summary,
-              "settings": {**asdict(GroundingMetricsConfig(args.min_cover, args.top_k)),
-                           "query_offset": args.query_offset}}  # fmt: skip
+              "settings": {**asdict(GroundingMetricsConfig(args.min_cover, args.top_k)), "query": args.query,
+                           "query_offset": args.query_offset, "head_fusion": args.head_fusion}}  # fmt: skip
     fused = summary.get("fused", {})
     logger.info("fused: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in fused.items()})
     if args.out:

@@ -63,7 +63,7 @@ def image_sample(segmenter: Segmenter, rgb: np.ndarray, text: str) -> dict:
               "query_positions": t.query_positions, "query_objects": t.query_objects}  # fmt: skip
     k = int((t.mm_token_type_ids == 1).sum())
     sample |= {"object_targets": torch.zeros(1, k), "object_group_valid": torch.ones(1, 1, dtype=torch.bool),
-               "video_token_group": torch.zeros(k, dtype=torch.long)}  # fmt: skip
+               "vision_token_group": torch.zeros(k, dtype=torch.long)}  # fmt: skip
     queries = query_positions(sample, 1, head.config.query, segmenter.seg_token_id)
     m = mask_size(head.sam.config)
     sample |= {
@@ -120,7 +120,7 @@ def run(argv: list[str] | None = None) -> dict | None:
                 [s for s in select_shard(samples, shard) if s.key not in store], desc=f"refcoco{shard.suffix}"
             ):
                 rgb = np.asarray(Image.open(s.image).convert("RGB"))
-                logits, _ = segmenter.logits(image_sample(segmenter, rgb, s.text), rgb[None], image=True)
+                logits, _ = segmenter.logits(image_sample(segmenter, rgb, s.text), rgb[None])
                 pred, gt = upsample(logits[0, 0], rgb.shape[:2]), s.mask()
                 i, u = float(np.logical_and(pred, gt).sum()), float(np.logical_or(pred, gt).sum())
                 store.append({"key": s.key, "intersection": i, "union": u})

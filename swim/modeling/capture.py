@@ -43,10 +43,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from swim.modeling.families import FamilySpec, family_of
+from swim.modeling.losses import HEAD_FUSIONS, fuse_heads
 
 # The official layers for the 28-layer Qwen2.5-VL-7B LLM.
 REFERENCE_LAYERS = (2, 7, 12, 17, 22, 27)
 REFERENCE_DEPTH = 28
+ALL_LAYERS = "all"  # every softmax-attention decoder layer
 
 
 def default_supervised_layers(num_layers: int) -> list[int]:
@@ -78,15 +80,20 @@ def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(layers.items()))
 
 
-def supervised_layers(model: nn.Module, layers: Sequence[int] | None = None) -> list[int]:
-    """The layer indices to supervise: `layers` checked against the model, or the default rule.
+def supervised_layers(model: nn.Module, layers: Sequence[int] | str | None = None) -> list[int]:
+    """The layer indices to supervise: `layers` checked against the model, `"all"`, or the default rule.
 
     Default: the official relative depths (`default_supervised_layers`) over the softmax-attention layers; for a
-    hybrid model, over those layers only (then mapped back to the model's own indices).
+    hybrid model, over those layers only (then mapped back to the model's own indices). `"all"`: every
+    softmax-attention decoder layer (KLAL supervises all layers).
     """
     attention_layers = list(find_decoder_layers(model))
     if layers is None:
         return [attention_layers[i] for i in default_supervised_layers(len(attention_layers))]
+    if isinstance(layers, str):
+        if layers != ALL_LAYERS:
+            raise ValueError(f"supervised layers must be a list of indices or {ALL_LAYERS!r}, got {layers!r}")
+        return attention_layers
     bad = [i for i in layers if i not in attention_layers]
     if bad:
         raise ValueError(
@@ -101,17 +108,26 @@ def _ranges(indices: Sequence[int]) -> str:
     return f"{indices[0]}..{indices[-1]}" if contiguous and len(indices) > 3 else str(list(indices))
 
 
-def video_token_positions(input_ids: torch.Tensor, video_token_id: int) -> torch.Tensor:
-    """Positions of the video tokens of each sample, in sequence order.
+def vision_token_ids(config) -> tuple[int, int]:
+    """The token ids whose positions are the vision tokens of a model: `(image_token_id, video_token_id)`."""
+    return int(config.image_token_id), int(config.video_token_id)
+
+
+def vision_token_positions(input_ids: torch.Tensor, token_ids: int | Sequence[int]) -> torch.Tensor:
+    """Positions of the vision tokens (image and video tokens, as given by `token_ids`) of each sample, in
+    sequence order: the columns the attention loss and the metrics read (docs/batch_contract.md).
 
     input_ids: Long `[B, L]` -> Long `[B, K]`, K = the largest count in the batch, padded with -1.
     """
-    is_video = input_ids == video_token_id
-    counts = is_video.sum(-1)
+    ids = torch.as_tensor(
+        [token_ids] if isinstance(token_ids, int) else list(token_ids), device=input_ids.device
+    )
+    is_vision = torch.isin(input_ids, ids)
+    counts = is_vision.sum(-1)
     k = int(counts.max()) if counts.numel() else 0
     positions = torch.full((input_ids.shape[0], k), -1, dtype=torch.long, device=input_ids.device)
-    rows, cols = is_video.nonzero(as_tuple=True)
-    # rank of each video token within its row
+    rows, cols = is_vision.nonzero(as_tuple=True)
+    # rank of each vision token within its row
     rank = torch.arange(rows.numel(), device=input_ids.device) - (counts.cumsum(0) - counts)[rows]
     positions[rows, rank] = cols
     return positions
@@ -196,7 +212,7 @@ class AttentionProbe:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[int] | None = None,
+        layers: Sequence[int] | str | None = None,
         checkpoint_recompute: bool = True,
         family: FamilySpec | None = None,
     ):
@@ -421,33 +437,44 @@ class AttentionProbe:
             out.append(probs * valid[:, None, :, None])
         return torch.stack(out)
 
-    def video_attention(
+    def vision_attention(
         self,
         query_positions: torch.Tensor,
-        video_positions: torch.Tensor,
+        vision_positions: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         batch_index: torch.Tensor | None = None,
+        head_fusion: str = "mean",
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Head-mean attention of the given rows on the video tokens: `[layers, B, n, K]` (float32).
+        """Attention of the given rows on the vision tokens, heads fused: `[layers, B, n, K]` (float32).
 
-        query_positions: Long `[B, n]` (padding -1: those rows come back as zeros); video_positions: Long
-        `[B, K]` (padding -1: those columns come back as zeros); batch_index as in `rows`. When the model uses
-        activation checkpointing, the softmax runs under a non-reentrant checkpoint, so only the `[B, n, K]`
-        results are kept for backward.
+        query_positions: Long `[B, n]` (padding -1: those rows come back as zeros); vision_positions: Long
+        `[B, K]` (padding -1: those columns come back as zeros); batch_index as in `rows`. head_fusion: "mean"
+        (the heads' raw probabilities averaged) or "renorm_mean" (each head renormalised over the vision tokens of
+        each group, then averaged: every head weighs the same; needs `groups` Long `[B, K]`, the group of each
+        column, -1 for padding). When the model uses activation checkpointing, the softmax runs under a
+        non-reentrant checkpoint, so only the `[B, n, K]` results are kept for backward.
         """
+        if head_fusion not in HEAD_FUSIONS:
+            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+        if head_fusion != "mean" and groups is None:
+            raise ValueError(f"head_fusion={head_fusion!r} needs the group of each vision token")
         layers, q_valid = self._layer_inputs(query_positions, attention_mask, batch_index)
-        video_positions = video_positions.to(q_valid.device)
-        k_valid = video_positions >= 0
-        v_pos = video_positions.clamp(min=0)
+        vision_positions = vision_positions.to(q_valid.device)
+        k_valid = vision_positions >= 0
+        v_pos = vision_positions.clamp(min=0)
         keep = q_valid[:, :, None] & k_valid[:, None, :]
 
         def per_layer(query, key, cos, sin, rows, key_mask, scaling, window):
-            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling, window).mean(
-                1
-            )  # [B, n, Lk]
-            # video tokens after the last captured row are causally invisible: probability 0
-            probs = torch.nn.functional.pad(probs, (0, self._full_length - key.shape[1]))
-            return probs.gather(2, v_pos[:, None, :].expand(-1, probs.shape[1], -1)) * keep
+            probs = attention_from_qk(query, key, cos, sin, rows, key_mask, scaling, window)  # [B, H, n, Lk]
+            # vision tokens after the last captured row are causally invisible: probability 0
+            pad = self._full_length - key.shape[1]
+            if head_fusion == "mean":
+                probs = torch.nn.functional.pad(probs.mean(1), (0, pad))  # [B, n, L]
+                return probs.gather(2, v_pos[:, None, :].expand(-1, probs.shape[1], -1)) * keep
+            probs = torch.nn.functional.pad(probs, (0, pad))  # [B, H, n, L]
+            index = v_pos[:, None, None, :].expand(-1, *probs.shape[1:3], -1)
+            return fuse_heads(probs.gather(3, index) * keep[:, None], groups, head_fusion)
 
         out = []
         for module, *inputs in layers:

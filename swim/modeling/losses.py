@@ -1,15 +1,16 @@
-"""Grounding losses between attention on video tokens and object masks: small pure functions.
+"""Grounding losses between attention on vision tokens and object targets: small pure functions.
 
 Shapes used throughout:
-- `attn`    float `[B, n, K]`: head-mean attention of n query rows on the K video tokens of each sample;
-            `[Λ, B, n, K]` before layer fusion.
-- `target`  float `[B, n, K]`: area fraction of each video-token cell covered by the row's object mask.
-- `groups`  long  `[B, K]`: temporal group of each video token (`-1` for padding columns).
-- `valid`   bool  `[B, n, G]`: which (row, temporal group) pairs are supervised.
+- `attn`    float `[B, n, K]`: attention of n query rows on the K vision tokens (image and video tokens) of each
+            sample, heads fused; `[Λ, B, n, K]` before layer fusion, `[B, H, n, K]` before head fusion.
+- `target`  float `[B, n, K]`: the row's target on each vision-token cell (the area fraction covered by the
+            object, or a target built from it, `swim.modeling.targets`).
+- `groups`  long  `[B, K]`: group of each vision token: a video's temporal group or an image (`-1` for padding).
+- `valid`   bool  `[B, n, G]`: which (row, group) pairs are supervised.
 
-Every loss is computed per (row, temporal group) pair — the supervision signal lives on the merged token grid
-of one group (two frames) — and averaged over the valid pairs. All of them run in float32 with autocast off,
-so they are safe under bf16 autocast (unlike `F.binary_cross_entropy`).
+Every loss is computed per (row, group) pair — the supervision signal lives on the merged token grid of one
+temporal group (two frames) or one image — and averaged over the valid pairs. All of them run in float32 with
+autocast off, so they are safe under bf16 autocast (unlike `F.binary_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 TINY = torch.finfo(torch.float32).tiny
 BCE_EPS = 1e-6
+HEAD_FUSIONS = ("mean", "renorm_mean")
 
 
 def _segment_index(groups: torch.Tensor, num_groups: int, like: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,23 @@ def group_log_normalize(log_x: torch.Tensor, groups: torch.Tensor, num_groups: i
     return log_x - broadcast_groups(log_total, groups)
 
 
+def fuse_heads(attn: torch.Tensor, groups: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Fuse per-head attention `[B, H, n, K]` into `[B, n, K]`.
+
+    mean:        the heads' probabilities averaged (a head that puts more of its mass on the vision tokens weighs
+                 more).
+    renorm_mean: each head renormalised over the tokens of each group, then averaged (KLAL: every head weighs
+                 the same); the result sums to 1 over every group.
+    """
+    if mode == "mean":
+        return attn.mean(1)
+    if mode == "renorm_mean":
+        b, h, n, k = attn.shape
+        num_groups = int(groups.max()) + 1 if groups.numel() else 0
+        return group_normalize(attn.reshape(b, h * n, k), groups, num_groups).reshape(b, h, n, k).mean(1)
+    raise ValueError(f"unknown head fusion {mode!r}: expected one of {HEAD_FUSIONS}")
+
+
 def fuse_layers(
     attn: torch.Tensor, groups: torch.Tensor, num_groups: int, mode: str = "mean"
 ) -> torch.Tensor:
@@ -77,6 +96,20 @@ def fuse_layers(
     if mode == "product":
         return group_log_normalize(attn.clamp_min(TINY).log().sum(0), groups, num_groups)
     raise ValueError(f"unknown layer fusion {mode!r}: expected 'mean' or 'product'")
+
+
+def per_layer_loss(loss_fn, attn: torch.Tensor, target: torch.Tensor, groups: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Mean over layers of each layer's loss (KLAL's `1/|L| Σ_l KL(P ‖ Q_l)`): attn `[Λ, B, n, K]`.
+
+    Each layer's map is group-normalised and compared with the target on its own; by Jensen this is at least the
+    loss against the layer-mean map (`fuse_layers(..., "mean")`), a stronger objective: every layer must look at
+    the target, not only their average. Still a mean over the valid pairs (per pair: the mean over layers).
+    """
+    num_groups = valid.shape[-1]
+    per_layer = [loss_fn(group_normalize(a, groups, num_groups).clamp_min(TINY).log(), target, groups, valid)
+                 for a in attn]  # fmt: skip
+    return torch.stack(per_layer).mean()
 
 
 def masked_pair_mean(per_pair: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

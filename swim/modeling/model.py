@@ -27,7 +27,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from swim.modeling.capture import AttentionProbe
+from swim.modeling.capture import AttentionProbe, vision_token_ids
 from swim.modeling.families import family_of
 from swim.modeling.objective import GroundingConfig, grounding_loss, has_queries, supervised_rows
 
@@ -72,7 +72,7 @@ class SwimGroundingMixin:
             return SwimCausalLMOutput(**outputs, loss_text=outputs.loss)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            raise ValueError("grounding needs input_ids (video tokens are located by their id)")
+            raise ValueError("grounding needs input_ids (vision tokens are located by their id)")
         cfg = self.grounding_config
         with self.probe.capture(supervised_rows(grounding, cfg.query_offset)):
             outputs = super().forward(*args, **kwargs)
@@ -82,7 +82,7 @@ class SwimGroundingMixin:
                 grounding,
                 input_ids,
                 kwargs.get("attention_mask"),
-                self.config.video_token_id,
+                vision_token_ids(self.config),
                 cfg,
             )
         finally:

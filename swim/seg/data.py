@@ -153,7 +153,7 @@ class SegDataset(SwimDataset):
             return sample
         tp = self.settings.temporal_patch_size
         annotated = {
-            int(f) for obj in record.annotation for f, e in obj.items() if e["segmentation"] is not None
+            int(f) for obj in record.annotation for f, e in obj.items() if e.get("segmentation") is not None
         }
         positions = pick_frames(clip.frame_indices, annotated, self.seg.max_frames)
         masks, valid = self._masks(record, clip, positions)
@@ -179,7 +179,7 @@ class SegDataset(SwimDataset):
             entries = {int(k): e for k, e in obj.items()}
             for j, p in enumerate(positions):
                 entry = entries.get(clip.frame_indices[p])
-                if entry is None or entry["segmentation"] is None:
+                if entry is None or entry.get("segmentation") is None:
                     continue
                 try:
                     mask = decode_segmentation(entry["segmentation"], *clip.original_hw)

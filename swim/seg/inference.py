@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swim.modeling.capture import AttentionProbe
+from swim.modeling.capture import AttentionProbe, vision_token_ids
 from swim.modeling.objective import has_queries, supervised_rows
 from swim.seg.data import SegCollator, SegDataConfig, SegDataset
 from swim.seg.head import SegHead
@@ -108,10 +108,10 @@ class Segmenter:
 
     @torch.no_grad()
     def logits(self, sample: dict, frames: np.ndarray, frame_indices: list[int] | None = None,
-               chunk: int = 16, image: bool = False) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+               chunk: int = 16) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
         """Mask logits `[O', T, m, m]` of the sample's objects that have a query, on `frames` (uint8 `[T, H, W, 3]`,
-        source indices `frame_indices`, default 0..T-1), and those objects' indices. `image`: the sample holds an
-        image, whose tokens carry the attention prior (one temporal group)."""
+        source indices `frame_indices`, default 0..T-1), and those objects' indices. The attention prior is read
+        from the sample's vision tokens (a video's, or an image's as one group)."""
         if "seg_query" not in sample:
             raise ValueError("the sample has no segmentation targets (no masks or no query token)")
         device = self.device
@@ -145,9 +145,8 @@ class Segmenter:
         if self.prior == "swim_attn":
             gate = torch.ones(pairs.frame.numel(), side, side, device=device)
             if rows is not None:
-                token_id = self.model.config.image_token_id if image else self.model.config.video_token_id
                 attn, token_groups = swim_attention(self.attention, grounding, rows, batch["input_ids"],
-                                                    batch["attention_mask"], token_id)  # fmt: skip
+                                                    batch["attention_mask"], vision_token_ids(self.model.config))  # fmt: skip
                 gate = attention_gate(attn, token_groups, seg["token_grid"], seg["frame_group"], pairs, side)
             self.attention.clear()
         self.hidden.clear()

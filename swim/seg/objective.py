@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from swim.modeling.capture import video_token_positions
+from swim.modeling.capture import vision_token_positions
 from swim.modeling.losses import group_normalize
 from swim.seg.losses import bce_sum, boundary_sum, dice_sum, tmc_loss
 
@@ -99,15 +99,13 @@ def object_attention(video_attn: torch.Tensor, query_objects: torch.Tensor, n_ob
     return total / onehot.sum(1)[..., None].clamp_min(1.0)
 
 
-def swim_attention(
-    probe, grounding: dict, rows: torch.Tensor, input_ids, attention_mask, video_token_id: int
-):
+def swim_attention(probe, grounding: dict, rows: torch.Tensor, input_ids, attention_mask, vision_token_ids):
     """Per-object SWIM attention `[B, O, K]` (head mean, mean of the group-normalised maps of the supervised layers)
     and the token groups `[B, K]`, from the q/k captured by `probe` for `rows` (no gradient)."""
     with torch.no_grad():
-        video_positions = video_token_positions(input_ids, video_token_id)
-        attn = probe.video_attention(rows, video_positions, attention_mask)  # [Λ, B, n, K]
-        groups = grounding["video_token_group"][:, : video_positions.shape[1]].to(attn.device)
+        video_positions = vision_token_positions(input_ids, vision_token_ids)
+        attn = probe.vision_attention(rows, video_positions, attention_mask)  # [Λ, B, n, K]
+        groups = grounding["vision_token_group"][:, : video_positions.shape[1]].to(attn.device)
         n_groups = max(int(groups.max()) + 1, 1)
         fused = torch.stack([group_normalize(a, groups, n_groups) for a in attn]).mean(0)
         n_objects = grounding["object_targets"].shape[1]

@@ -159,7 +159,7 @@ class SegPlugin:
             gate = torch.ones(pairs.frame.numel(), self.side, self.side, device=device)
             if real and has_queries(grounding):
                 attn, groups = swim_attention(trainer.probe, grounding, rows, inputs["input_ids"],
-                                              inputs.get("attention_mask"), trainer.video_token_id)  # fmt: skip
+                                              inputs.get("attention_mask"), trainer.vision_token_ids)  # fmt: skip
                 gate = attention_gate(attn, groups, seg["token_grid"], seg["frame_group"], pairs, self.side)
         if cfg.tmc_mask == "gt":
             area = seg["masks"][pairs.sample, pairs.obj, pairs.slot]

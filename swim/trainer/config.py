@@ -8,7 +8,10 @@ from typing import Any
 
 from trl import SFTConfig
 
+from swim.modeling.capture import ALL_LAYERS
+from swim.modeling.losses import HEAD_FUSIONS
 from swim.modeling.objective import LAYER_FUSIONS, LOSS_TYPES, GroundingConfig
+from swim.modeling.targets import TARGET_BUILDERS
 from swim.trainer.distributed import prepare_cpu_distributed
 
 logger = logging.getLogger(__name__)
@@ -27,15 +30,26 @@ class SwimSFTConfig(SFTConfig):
     DeepSpeed / FSDP runs without CUDA are set up for gloo here too (`swim.trainer.distributed`).
     """
 
-    attn_layers: list[int] | None = field(
+    # list[str]: the parser then takes both `[2, 7]` and `all`; `grounding_config()` makes the indices ints
+    attn_layers: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Supervised decoder layers; default: the official relative depths ([2,7,12,17,22,27] at 28)."
+            "help": "Supervised decoder layers, or `all`; default: the official relative depths ([2,7,12,17,22,27] "
+            "at 28)."
         },
     )
     attn_loss: str = field(default="kl", metadata={"help": f"Attention loss, one of {LOSS_TYPES}."})
     attn_layer_fusion: str = field(
-        default="mean", metadata={"help": f"Layer fusion, one of {LAYER_FUSIONS}."}
+        default="mean",
+        metadata={
+            "help": f"Layer fusion, one of {LAYER_FUSIONS} (per_layer: mean of the per-layer losses, KLAL)."
+        },
+    )
+    attn_head_fusion: str = field(
+        default="mean",
+        metadata={
+            "help": f"Head fusion, one of {HEAD_FUSIONS} (renorm_mean: renormalise each head first, KLAL)."
+        },
     )
     attn_weight: float = field(
         default=1.0, metadata={"help": "λ, weight of the attention loss (0 = NTP only)."}
@@ -43,7 +57,26 @@ class SwimSFTConfig(SFTConfig):
     text_weight: float = field(default=1.0, metadata={"help": "Weight of the next-token loss (paper: 0.05)."})
     attn_query_offset: int = field(
         default=0,
-        metadata={"help": "0: supervise the tagged token's own row; -1: the row before it (official)."},
+        metadata={
+            "help": "0: supervise the query token's own row; -1: the row before it (official; for an answer token "
+            "the row that predicts it)."
+        },
+    )
+    attn_target: str = field(
+        default="area",
+        metadata={
+            "help": f"Target builder, one of {tuple(TARGET_BUILDERS)}: SWIM's area map or KLAL's 3 levels."
+        },
+    )
+    attn_target_ring: int = field(
+        default=1,
+        metadata={"help": "klal target: ring radius around the target cells, in cells (Chebyshev)."},
+    )
+    attn_target_masses: list[float] = field(
+        default_factory=lambda: [0.6, 0.3, 0.1],
+        metadata={
+            "help": "klal target: masses of the target cells, the ring and the floor (normalised to 1)."
+        },
     )
     freeze_vision_tower: bool = field(
         default=True, metadata={"help": "Freeze the vision tower and the merger (as the paper)."}
@@ -75,14 +108,21 @@ class SwimSFTConfig(SFTConfig):
             layers=self.attn_layers,
             loss_type=self.attn_loss,
             layer_fusion=self.attn_layer_fusion,
+            head_fusion=self.attn_head_fusion,
             attn_weight=self.attn_weight,
             text_weight=self.text_weight,
             query_offset=self.attn_query_offset,
+            target=self.attn_target,
+            target_ring=self.attn_target_ring,
+            target_masses=tuple(self.attn_target_masses),
         )
 
     def __post_init__(self):
         prepare_cpu_distributed(self)  # before TrainingArguments sets up its devices
         super().__post_init__()
+        self.attn_layers = _layers(
+            self.attn_layers
+        )  # indices as ints (the command line gives strings), or "all"
         self.grounding_config()  # validate early, with the field names in the message
         self._prefer_fsdp_checkpointing()
         self._check_checkpointing()
@@ -111,3 +151,16 @@ class SwimSFTConfig(SFTConfig):
                 "in the recipe (or --activation_checkpointing_kwargs '{\"use_reentrant\": false}'), or turn "
                 "`activation_checkpointing` off."
             )
+
+
+def _layers(value) -> list[int] | str | None:
+    """`attn_layers` as given in a recipe (`[2, 7]`, `all`) or on the command line (`2 7`, `all`)."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if values == [ALL_LAYERS]:
+        return ALL_LAYERS
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"attn_layers must be layer indices or {ALL_LAYERS!r}, got {value!r}") from None

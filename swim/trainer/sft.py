@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 from trl import SFTTrainer
 
-from swim.modeling.capture import AttentionProbe
+from swim.modeling.capture import AttentionProbe, vision_token_ids
 from swim.modeling.model import freeze_vision_tower, stock_model_class
 from swim.modeling.objective import grounding_loss, has_queries, supervised_pair_count, supervised_rows
 from swim.seg.config import SegConfig
@@ -57,13 +57,15 @@ class SwimSFTTrainer(SFTTrainer):
         self.grounding = args.grounding_config()
         # Registered before DeepSpeed/FSDP wrap the model (at `train()`), so the hooks see the raw q/k outputs.
         self.probe = AttentionProbe(self.model, self.grounding.layers)
-        self.video_token_id = self.model.config.video_token_id
+        self.vision_token_ids = vision_token_ids(self.model.config)
         self._step_attn_pairs: torch.Tensor | None = None  # global supervised pairs of the current step
         self._attn_log = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # [loss sum, pairs] since the last log
+        g = self.grounding
         logger.info(
-            "grounding loss %s on layers %s (fusion %s, λ=%g, text weight %g, query offset %d)",
-            self.grounding.loss_type, self.probe.layers, self.grounding.layer_fusion,
-            self.grounding.attn_weight, self.grounding.text_weight, self.grounding.query_offset,
+            "grounding loss %s on layers %s (layer fusion %s, head fusion %s, target %s%s, λ=%g, text weight %g, "
+            "query offset %d)", g.loss_type, self.probe.layers, g.layer_fusion, g.head_fusion, g.target,
+            f" ring {g.target_ring} masses {list(g.target_masses)}" if g.target == "klal" else "", g.attn_weight,
+            g.text_weight, g.query_offset,
         )  # fmt: skip
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -94,7 +96,7 @@ class SwimSFTTrainer(SFTTrainer):
                 # λ = 0 still measures the loss (for baselines), without building a graph for it.
                 with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.attn_weight != 0):
                     loss_attn, stats = grounding_loss(self.probe, grounding, inputs["input_ids"],
-                                                      inputs.get("attention_mask"), self.video_token_id, cfg)  # fmt: skip
+                                                      inputs.get("attention_mask"), self.vision_token_ids, cfg)  # fmt: skip
             if self.seg is not None:  # every rank, every micro-step (a zero-weighted dummy without masks)
                 loss = loss + self.seg.loss(self, seg, inputs, grounding, rows, num_items_in_batch).to(
                     loss.dtype

@@ -1,10 +1,13 @@
-"""Attention overlays on video frames (PNG grids and GIFs), as in the paper's figures.
+"""Attention overlays on video frames and images (PNG grids and GIFs), as in the papers' figures.
 
-    swim vis --model DIR --data FILE --index 0 --out DIR [--layers 1 2 3] [--gif]
+    swim vis --model DIR --data FILE --index 0 --out DIR [--layers 1 2 3 | all] [--gif]
+             [--query answer_last --query-offset -1 --head-fusion renorm_mean]   # KLAL's answer-token maps
 
-For one record, the tagged words of the first object are teacher-forced; their head-mean attention on the video
-tokens is renormalised per temporal group and drawn over the first frame of each group (bilinear upsampling of
-the merged token grid, jet colour map), one row per layer plus the fused map, with the mask outline.
+For one record, the supervised rows of the first object (the tagged words, or KLAL's answer token) are
+teacher-forced; their attention on the vision tokens (heads fused as in training) is renormalised per group (a
+video's temporal group, or an image) and drawn over the first frame of each group / each image (bilinear
+upsampling of the merged token grid, jet colour map), one row per layer plus the fused map, with the annotation's
+outline.
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RecordMaps:
-    """Attention of one record's first object, per temporal group on the merged grid."""
+    """Attention of one record's first object, per group (a video's temporal group or an image) on its merged grid.
 
-    frames: np.ndarray  # uint8 [G, H, W, 3]: the first frame of each temporal group, at model resolution
-    maps: dict[str, np.ndarray]  # name ("layer 2", "fused") -> float [G, gh, gw], each group summing to 1
-    target: np.ndarray  # float [G, gh, gw] mask cover fractions
-    valid: np.ndarray  # bool [G]: the group has a mask
+    Arrays are stacked over groups when every group has the same grid (videos, one image); images of different
+    sizes give lists, indexed the same way.
+    """
+
+    frames: np.ndarray | list[np.ndarray]  # uint8 [G, H, W, 3]: the first frame of each group / each image
+    maps: dict[
+        str, np.ndarray | list[np.ndarray]
+    ]  # name ("layer 2", "fused") -> [G, gh, gw], each summing to 1
+    target: np.ndarray | list[np.ndarray]  # float [G, gh, gw] annotation cover fractions
+    valid: np.ndarray  # bool [G]: the group is annotated
 
 
 def heat_overlay(frame: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -63,7 +72,7 @@ def draw_grid(
     """A PNG grid: one row per (label -> maps of one method), one column per temporal group.
 
     `rows` maps a row label to `(RecordMaps, map name)`; a plain `RecordMaps` draws its "fused" map. The first
-    row also shows the frames alone; mask outlines are drawn in white.
+    row also shows the frames (images) alone; annotation outlines are drawn in white.
     """
     import matplotlib
 
@@ -72,11 +81,11 @@ def draw_grid(
 
     items = [(label, v if isinstance(v, tuple) else (v, "fused")) for label, v in rows.items()]
     first = items[0][1][0]
-    n_groups = first.frames.shape[0]
+    n_groups = len(first.frames)
     fig, axes = plt.subplots(len(items) + 1, n_groups, figsize=(1.8 * n_groups, 1.9 * (len(items) + 1)),
                              squeeze=False)  # fmt: skip
-    size = first.frames.shape[1:3]
     for g in range(n_groups):
+        size = first.frames[g].shape[:2]
         axes[0, g].imshow(first.frames[g])
         axes[0, g].set_title(f"group {g}", fontsize=8)
         for r, (label, (maps, name)) in enumerate(items, start=1):
@@ -101,12 +110,12 @@ def draw_grid(
 
 
 def save_gif(maps: RecordMaps, path: str | Path, name: str = "fused", ms_per_group: int = 500) -> Path:
-    """An animated GIF of the overlay, one frame per temporal group."""
+    """An animated GIF of the overlay, one frame per group (temporal groups of a video, or same-size images)."""
     from PIL import Image
 
-    size = maps.frames.shape[1:3]
+    size = maps.frames[0].shape[:2]
     images = []
-    for g in range(maps.frames.shape[0]):
+    for g in range(len(maps.frames)):
         image = heat_overlay(maps.frames[g], maps.maps[name][g])
         if maps.valid[g]:
             image[mask_outline(maps.target[g], size)] = 255
@@ -131,40 +140,84 @@ def unpatchify(pixel_values: torch.Tensor, grid_thw, settings) -> np.ndarray:
     return frames.permute(0, 2, 3, 1).numpy()
 
 
+def vision_groups(batch: dict, merge_size: int) -> list[tuple[str, int, tuple[int, int]]]:
+    """(kind, index of its image / video, merged grid (h, w)) of every group of a one-sample batch, in sequence
+    order: images first, then each video's temporal groups (the layout `swim.data` builds)."""
+    groups = []
+    for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+        for i, (t, h, w) in enumerate(batch.get(key, torch.zeros(0, 3)).tolist()):
+            groups += [(kind, i, (int(h) // merge_size, int(w) // merge_size))] * int(t)
+    return groups
+
+
 @torch.no_grad()
-def attention_on_video(
-    model, batch: dict, rows: torch.Tensor, layers: list[int] | None, settings
-) -> dict[str, np.ndarray]:
-    """Head-mean attention of `rows` (Long `[n]`, averaged) of a one-sample `batch` on its single video,
-    renormalised per temporal group: name ("layer L", "fused") -> `[G, h/2, w/2]`. `layers`: None for the
-    model's default supervised layers."""
-    from swim.modeling.capture import AttentionProbe, video_token_positions
+def attention_on_vision(
+    model,
+    batch: dict,
+    rows: torch.Tensor,
+    layers: list[int] | str | None,
+    settings,
+    head_fusion: str = "mean",
+) -> dict[str, list[np.ndarray]]:
+    """Attention of `rows` (Long `[n]`, averaged) of a one-sample `batch` on its images / video, heads fused as
+    in training, renormalised per group: name ("layer L", "fused") -> one `[h/2, w/2]` map per group. `layers`:
+    indices, "all", or None for the model's default supervised layers."""
+    from swim.modeling.capture import AttentionProbe, vision_token_ids, vision_token_positions
     from swim.modeling.losses import group_normalize
 
-    t, h, w = (int(v) for v in batch["video_grid_thw"][0])
-    m = settings.merge_size
-    grid = (t, h // m, w // m)
+    grids = [grid for _, _, grid in vision_groups(batch, settings.merge_size)]
+    groups = torch.cat([torch.full((h * w,), g) for g, (h, w) in enumerate(grids)])[None]
     probe = AttentionProbe(model, layers, checkpoint_recompute=False)
     layers = probe.layers
     try:
         with probe.capture(rows[None]):
             model(**batch, use_cache=False, logits_to_keep=1)
-        video_positions = video_token_positions(batch["input_ids"], model.config.video_token_id)
-        attn = probe.video_attention(rows[None], video_positions, batch.get("attention_mask"))[
-            :, 0
-        ]  # [Λ, n, K]
+        positions = vision_token_positions(batch["input_ids"], vision_token_ids(model.config))
+        attn = probe.vision_attention(rows[None], positions, batch.get("attention_mask"), head_fusion=head_fusion,
+                                      groups=groups)[:, 0]  # [Λ, n, K]  # fmt: skip
     finally:
         probe.remove()
-    groups = torch.arange(t).repeat_interleave(grid[1] * grid[2])[None]
-    per_layer = [group_normalize(a.mean(0)[None, None], groups, t)[0, 0].reshape(grid) for a in attn]
-    maps = {f"layer {layer}": p.numpy() for layer, p in zip(layers, per_layer)}
-    maps["fused"] = torch.stack(per_layer).mean(0).numpy()
+    per_layer = [group_normalize(a.mean(0)[None, None], groups, len(grids))[0, 0] for a in attn]
+    fused = torch.stack(per_layer).mean(0)
+
+    def split(flat: torch.Tensor) -> list[np.ndarray]:
+        return [
+            part.reshape(grid).numpy() for part, grid in zip(flat.split([h * w for h, w in grids]), grids)
+        ]
+
+    maps = {f"layer {layer}": split(p) for layer, p in zip(layers, per_layer)}
+    maps["fused"] = split(fused)
     return maps
 
 
+def _stack(parts: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    return np.stack(parts) if len({p.shape for p in parts}) == 1 else parts
+
+
+def group_frames(batch: dict, settings) -> list[np.ndarray]:
+    """The pixels the model saw, one uint8 `[H, W, 3]` per group (the first frame of each temporal group)."""
+    frames = []
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        grids = batch.get(f"{kind}_grid_thw")
+        if grids is None:
+            continue
+        parts = batch[key].split([int(t * h * w) for t, h, w in grids.tolist()])
+        for pixels, grid in zip(parts, grids.tolist()):
+            frames += list(unpatchify(pixels, grid, settings)[:: settings.temporal_patch_size])
+    return frames
+
+
 @torch.no_grad()
-def record_maps(model, dataset, index: int, layers: list[int], query_offset: int = 0) -> RecordMaps:
-    """Teacher-forced attention maps of record `index` of a `SwimDataset` (its first object's tagged tokens)."""
+def record_maps(
+    model,
+    dataset,
+    index: int,
+    layers: list[int] | str | None,
+    query_offset: int = 0,
+    head_fusion: str = "mean",
+) -> RecordMaps:
+    """Teacher-forced attention maps of record `index` of a `SwimDataset`: the rows its query selector supervises
+    (tagged words, or KLAL's answer tokens) for the first object, shifted by `query_offset`."""
     from swim.data.collator import SwimCollator
 
     sample = dataset.build(dataset.records[index])
@@ -172,15 +225,15 @@ def record_maps(model, dataset, index: int, layers: list[int], query_offset: int
     grounding = batch.pop("grounding")
     batch.pop("labels")
     if grounding is None:
-        raise ValueError(f"record {index} has no supervised (tagged and masked) tokens to visualise")
+        raise ValueError(f"record {index} has no supervised (queried and annotated) tokens to visualise")
     rows = grounding["query_positions"][0, grounding["query_objects"][0] == 0] + query_offset
-    maps = attention_on_video(model, batch, rows, layers, dataset.settings)
-    frames = unpatchify(batch["pixel_values_videos"], batch["video_grid_thw"][0], dataset.settings)
-    grid = maps["fused"].shape
+    maps = attention_on_vision(model, batch, rows, layers, dataset.settings, head_fusion)
+    grids = [m.shape for m in maps["fused"]]
+    target = grounding["object_targets"][0, 0].split([h * w for h, w in grids])
     return RecordMaps(
-        frames=frames[:: dataset.settings.temporal_patch_size],
-        maps=maps,
-        target=grounding["object_targets"][0, 0].reshape(grid).numpy(),
+        frames=_stack(group_frames(batch, dataset.settings)),
+        maps={name: _stack(parts) for name, parts in maps.items()},
+        target=_stack([t.reshape(grid).numpy() for t, grid in zip(target, grids)]),
         valid=grounding["object_group_valid"][0, 0].numpy(),
     )
 
@@ -190,9 +243,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
-    from swim.data.tags import SWIM_SYSTEM_PROMPT
+    from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT
+    from swim.eval.grounding import parse_layers
     from swim.modeling.capture import supervised_layers
     from swim.modeling.families import family_of
+    from swim.modeling.losses import HEAD_FUSIONS
     from swim.modeling.model import stock_model_class
 
     parser = argparse.ArgumentParser(prog="swim vis", description=__doc__.splitlines()[0])
@@ -201,8 +256,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--data-root")
     parser.add_argument("--index", type=int, nargs="+", default=[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--layers", type=int, nargs="+")
+    parser.add_argument("--layers", nargs="+", help="layer indices or `all`")
+    parser.add_argument("--query", default="tags", choices=QUERY_MODES, help="rows to draw (as attn_query)")
     parser.add_argument("--query-offset", type=int, default=0, choices=[0, -1])
+    parser.add_argument("--head-fusion", default="mean", choices=HEAD_FUSIONS)
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, help="default: the model family's (768 merged tokens)")
     parser.add_argument("--gif", action="store_true")
@@ -217,12 +274,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     settings = family.video_settings(num_frames=args.num_frames, max_frames=args.num_frames,
                                      max_pixels=args.max_pixels)  # fmt: skip
     dataset = SwimDataset(records, settings, tokenizer, supervise_qa=True, strict=True,
-                          system_prompt=args.system_prompt, family=family)  # fmt: skip
+                          system_prompt=args.system_prompt, family=family, query=args.query)  # fmt: skip
     model = stock_model_class(args.model).from_pretrained(args.model).eval()
-    layers = supervised_layers(model, args.layers)
+    layers = supervised_layers(model, parse_layers(args.layers))
     written = []
     for index in args.index:
-        maps = record_maps(model, dataset, index, layers, args.query_offset)
+        maps = record_maps(model, dataset, index, layers, args.query_offset, args.head_fusion)
         rows = {name: (maps, name) for name in maps.maps}
         written.append(
             draw_grid(rows, Path(args.out) / f"attention_{index:05d}.png", title=f"record {index}")
