@@ -467,7 +467,12 @@ def generate(out_dir: str | Path, cfg: SynthConfig, seed: int, counts: dict[str,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swim data synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="swim data synth",
+        description=__doc__.split("\n\n")[0],
+        epilog="KLAL's image tasks instead: swim data synth OUT_DIR --task grid_patch|line_intersection|line_tracing|"
+        "points|rec (options: swim data synth OUT_DIR --task grid_patch --help).",
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train", type=int, default=200)
