@@ -35,7 +35,7 @@ from swim.modeling.families import FamilySpec, family_of
 from swim.modeling.model import swim_model_class
 from swim.seg.config import SegConfig
 from swim.trainer import SwimSFTConfig, SwimSFTTrainer
-from swim.trainer.distributed import describe_parallelism
+from swim.trainer.distributed import describe_parallelism, shutdown_distributed
 
 logger = logging.getLogger("swim.train")
 
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     trainer.save_state()
     if trainer.is_world_process_zero():
         copy_processor_files(model_args.model_name_or_path, training_args.output_dir)
+    shutdown_distributed()
     return trainer
 
 

@@ -30,6 +30,19 @@ def launched_multiprocess() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def shutdown_distributed() -> None:
+    """End a launched run's process group: every rank waits for the others, then destroys it.
+
+    Left to interpreter exit, the group's background threads (gloo, DeepSpeed's comm) can be destroyed while still
+    joinable, and a finished run then aborts with "terminate called without an active exception" (a non-zero exit
+    status after the checkpoint is written). Only for processes started by a launcher: an in-process caller of
+    `swim.train.main` keeps its group.
+    """
+    if launched_multiprocess() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def prepare_cpu_distributed(args) -> str | None:
     """Configure accelerate's process state for DeepSpeed or FSDP on CPU. Returns the back-end set up, or None.
 
