@@ -131,12 +131,7 @@ def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> 
     samples = [dataset[i] for i in range(len(dataset))]
     batches = [collate(samples[i : i + 16]) for i in range(0, len(samples), 16)]
 
-    text_sum, text_tokens = 0.0, 0
-    for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k != "grounding"}
-        n = int((inputs["labels"][:, 1:] != -100).sum())
-        text_sum += float(model(**inputs).loss) * n
-        text_tokens += n
+    text_loss = held_out_text_loss(model, batches)
     layers = cfg_recipe.get("attn_layers")
     summary = evaluate_grounding(model, batches, layers, query_offset=cfg_recipe.get("attn_query_offset", 0))
     fused = summary["fused"]
@@ -146,12 +141,24 @@ def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> 
         "mask_mass": fused["mask_mass"],
         "auc": fused["auc"],
         "nss": fused["nss"],
-        "text_loss": text_sum / max(text_tokens, 1),
+        "text_loss": text_loss,
         "pairs": fused["pairs"],
         "per_layer": {k: v for k, v in summary.items() if k != "fused"},
         "chance_pointing_game": fused["chance_pointing_game"],
         "chance_mask_mass": fused["chance_mask_mass"],
     }, (model, dataset)
+
+
+def held_out_text_loss(model, batches: list[dict]) -> float:
+    """Mean next-token loss per supervised (label) token over collated batches (no gradient is needed)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "grounding"}
+            n = int((inputs["labels"][:, 1:] != -100).sum())
+            total += float(model(**inputs).loss) * n
+            tokens += n
+    return total / max(tokens, 1)
 
 
 def colour_only_chance(val_json: Path, data_args, family, min_cover: float = 0.05) -> float | None:

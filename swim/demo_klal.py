@@ -187,6 +187,7 @@ def evaluate_arm(
     from swim.data.collator import SwimCollator
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
+    from swim.demo import held_out_text_loss
     from swim.eval.answers import generate_answers, score_answers
     from swim.eval.generate import GenerationSettings, load_model
     from swim.eval.grounding import evaluate_grounding
@@ -207,12 +208,7 @@ def evaluate_arm(
     batches = [
         collate(samples[i : i + cfg.eval_batch_size]) for i in range(0, len(samples), cfg.eval_batch_size)
     ]
-    text_sum, text_tokens = 0.0, 0
-    for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k != "grounding"}
-        n = int((inputs["labels"][:, 1:] != -100).sum())
-        text_sum += float(model(**inputs).loss) * n
-        text_tokens += n
+    text_loss = held_out_text_loss(model, batches)
     grounding = evaluate_grounding(
         model, batches, recipe.get("attn_layers"), query_offset=recipe.get("attn_query_offset", 0),
         head_fusion=recipe.get("attn_head_fusion", "mean"),
@@ -222,7 +218,7 @@ def evaluate_arm(
     result = {
         "accuracy": scored["accuracy"], "parse_failures": scored["parse_failures"], "errors": scored["errors"],
         "attn_ratio": fused["attn_ratio"], "attn_ratio_per_layer": layers, "pointing_game": fused["pointing_game"],
-        "mask_mass": fused["mask_mass"], "text_loss": text_sum / max(text_tokens, 1), "pairs": fused["pairs"],
+        "mask_mass": fused["mask_mass"], "text_loss": text_loss, "pairs": fused["pairs"],
         "chance_pointing_game": fused["chance_pointing_game"], "chance": scored["chance"],
         "answers": [row["answer"] for row in scored["rows"][:10]],
     }  # fmt: skip

@@ -96,6 +96,13 @@ def draw_grid(
             if g == 0:
                 axes[r, g].set_ylabel(label, fontsize=8)
     axes[0, 0].set_ylabel("frames", fontsize=8)
+    return save_grid(fig, axes, path, title)
+
+
+def save_grid(fig, axes, path: str | Path, title: str = "") -> Path:
+    """Finish a grid of image panels (no ticks, optional title) and write it as a PNG; closes the figure."""
+    import matplotlib.pyplot as plt
+
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

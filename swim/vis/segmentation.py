@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from swim.vis.attention import save_grid
+
 COLOURS = ((255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 40), (200, 80, 255))
 
 
@@ -46,17 +48,7 @@ def draw_mask_grid(
             axes[r, t].imshow(mask_overlay(frames[t], mask[t], COLOURS[(r - 1) % len(COLOURS)]))
             if t == 0:
                 axes[r, t].set_ylabel(label[:30], fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_grid(fig, axes, path, title)
 
 
 def save_mask_gif(
