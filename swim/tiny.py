@@ -13,13 +13,22 @@ The result loads offline with the stock classes and `AutoProcessor`::
     tokenizer = AutoTokenizer.from_pretrained(path)
 
 CLI: ``swim tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe|qwen3_5] [--layers 4 --hidden 64 ...]``.
+
+A tiny checkpoint can also be served under a hub name from an offline hub cache (`serve_from_hub_cache`, or
+``swim tiny OUT --hub-cache CACHE --repo-id Qwen/Qwen2.5-VL-7B-Instruct``): with ``HF_HUB_CACHE=CACHE
+HF_HUB_OFFLINE=1``, every tool that takes a hub name (``swim train --model_name_or_path Qwen/...``, transformers,
+lmms-eval) then resolves it the way it resolves a real download, which is how the "trained from a hub name" paths
+are tested without a network.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +318,37 @@ def build_tiny_checkpoint(
     return out
 
 
+def serve_from_hub_cache(folder: str | Path, cache_dir: str | Path, repo_id: str) -> Path:
+    """Put the files of `folder` into the hub cache `cache_dir` as revision `main` of model `repo_id`.
+
+    The layout is the one `huggingface_hub` writes and reads (`models--ORG--NAME/blobs/<sha256>`,
+    `snapshots/<commit>/<file>` -> relative links to the blobs, `refs/main` = the commit), so
+    `from_pretrained(repo_id)` with `HF_HUB_CACHE=cache_dir HF_HUB_OFFLINE=1` finds them as a real download.
+    The commit id is a hash of the files: serving the same checkpoint twice gives the same snapshot. Returns the
+    snapshot folder.
+    """
+    folder, repo = Path(folder), Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    commit = hashlib.sha1(
+        "".join(f"{p.relative_to(folder)}:{d}" for p, d in digests.items()).encode()
+    ).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for path, digest in digests.items():
+        blob = repo / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -323,6 +363,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--intermediate", dest="intermediate_size", type=int, default=128)
     parser.add_argument("--heads", dest="num_attention_heads", type=int, default=4)
     parser.add_argument("--kv-heads", dest="num_key_value_heads", type=int, default=2)
+    parser.add_argument(
+        "--hub-cache", help="also serve the checkpoint from this offline hub cache (HF_HUB_CACHE)"
+    )
+    parser.add_argument(
+        "--repo-id",
+        default="Qwen/Qwen2.5-VL-7B-Instruct",
+        help="the hub name it is served under (--hub-cache)",
+    )
     args = vars(parser.parse_args(argv))
+    hub_cache, repo_id = args.pop("hub_cache"), args.pop("repo_id")
     out = build_tiny_checkpoint(args.pop("out_dir"), seed=args.pop("seed"), family=args.pop("family"), **args)
     logger.info("done: %s", out)
+    if hub_cache:
+        snapshot = serve_from_hub_cache(out, hub_cache, repo_id)
+        logger.info("served as %s from %s (HF_HUB_CACHE=%s HF_HUB_OFFLINE=1)", repo_id, snapshot, hub_cache)
