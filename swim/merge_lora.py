@@ -6,7 +6,9 @@
 tokenizer and, with the segmentation head, `seg_head/`. This loads the base model named in the adapter config (or
 `--base`), applies and merges the adapter (`PeftModel.merge_and_unload`), resizes the embeddings to the saved
 tokenizer when tokens were added (`[SEG]`), and writes a stock folder with the tokenizer, the processor files and
-`seg_head/` copied beside it.
+`seg_head/` copied beside it. The folder is checked to be in the stock layout (`swim.checkpoint`): the processor (the
+adapter folder's, which `swim train` saves there, else the base's, local or a hub name) beside weights under the stock
+tensor names.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | None = 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from swim.checkpoint import RunProcessor, check_stock_layout, stock_layout
     from swim.modeling.model import stock_model_class
-    from swim.train import copy_processor_files
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -35,9 +37,11 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | None = 
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    copy_processor_files(base, out_dir)
+    with stock_layout(merged):
+        merged.save_pretrained(out_dir)
+    processor_source = adapter_dir if (adapter_dir / "preprocessor_config.json").exists() else base
+    RunProcessor(processor_source, tokenizer).save(out_dir)
+    check_stock_layout(out_dir, merged.config)
     if (adapter_dir / "seg_head").is_dir():
         shutil.copytree(adapter_dir / "seg_head", out_dir / "seg_head", dirs_exist_ok=True)
     logger.info("merged %s into %s -> %s", adapter_dir, base, out_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import is_flash_attn_2_available
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from swim.checkpoint import RunProcessor
 from swim.data.collator import SwimCollator
 from swim.data.dataset import SwimDataset
 from swim.data.mixture import load_mixture
@@ -38,9 +38,6 @@ from swim.trainer import SwimSFTConfig, SwimSFTTrainer
 from swim.trainer.distributed import describe_parallelism, shutdown_distributed
 
 logger = logging.getLogger("swim.train")
-
-PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
-                   "chat_template.json")  # fmt: skip
 
 
 @dataclass
@@ -150,13 +147,6 @@ def _plain(value):
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
-def copy_processor_files(source: str, output_dir: str) -> None:
-    """Make the checkpoint loadable by `AutoProcessor` too (the image/video processor configs and template)."""
-    for name in PROCESSOR_FILES:
-        if (Path(source) / name).exists():
-            shutil.copy(Path(source) / name, Path(output_dir) / name)
-
-
 def make_parser() -> TrlParser:
     """The recipe parser: data, training (SFT + SWIM), model and segmentation-head (`swim.seg`) arguments."""
     return TrlParser((DataArguments, SwimSFTConfig, ModelConfig, SegConfig))
@@ -205,6 +195,7 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     trainer = SwimSFTTrainer(
         model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
         processing_class=tokenizer, peft_config=get_peft_config(model_args), seg=seg_args,
+        processor=RunProcessor(model_args.model_name_or_path, tokenizer),
     )  # fmt: skip
 
     # ---- train
@@ -212,11 +203,9 @@ def main(argv: list[str] | None = None) -> SwimSFTTrainer:
     dataset.log_skips()
     logger.info("trained with %s", describe_parallelism(trainer))
 
-    # ---- save
+    # ---- save (a stock folder: weights under the stock names + the processor; swim.checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        copy_processor_files(model_args.model_name_or_path, training_args.output_dir)
     shutdown_distributed()
     return trainer
 

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from swim.tiny import FAMILY_NAMES, build_tiny_checkpoint
+from swim.tiny import FAMILY_NAMES, build_tiny_checkpoint, serve_from_hub_cache
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +33,17 @@ def tiny_checkpoints(tmp_path_factory):
 def tiny_ckpt(tiny_checkpoints):
     """A tiny random Qwen2.5-VL checkpoint (4 text layers, GQA 4/2 heads, 2 vision blocks)."""
     return tiny_checkpoints("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tiny_ckpt, tmp_path_factory):
+    """An offline hub cache serving the tiny Qwen2.5-VL checkpoint as the paper's base model
+    (`checkpoint_checks.HUB_NAME`); subprocesses get it through `checkpoint_checks.hub_environment(hub_cache)`."""
+    from checkpoint_checks import HUB_NAME
+
+    cache = tmp_path_factory.mktemp("hub_cache")
+    serve_from_hub_cache(tiny_ckpt, cache, HUB_NAME)
+    return cache
 
 
 @pytest.fixture(params=FAMILY_NAMES)

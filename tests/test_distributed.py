@@ -6,6 +6,11 @@ every step mixes a supervised and an unsupervised rank — the paper mixture's n
 and abort ZeRO-3 at step 0. Each back-end runs 3-4 SGD steps and must equal a single-process run with gradient
 accumulation 2 (the same micro-batches) to ~1e-5 of the update; every launch runs under a hard timeout so that a
 hang fails the test instead of stalling CI.
+
+The multi-process runs start from the paper's hub name (`Qwen/Qwen2.5-VL-7B-Instruct`, served from an offline hub
+cache by the tiny checkpoint), as a user's run does, and every folder they write — the final one and each
+`checkpoint-N` — must be a stock checkpoint (`checkpoint_checks.assert_stock_checkpoint`: the stock tensor names, a
+vLLM-style loader finds every tensor, `AutoProcessor` + the stock class process a video and generate).
 """
 
 import contextlib
@@ -19,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from checkpoint_checks import HUB_NAME, assert_stock_checkpoint, hub_environment
 from safetensors.torch import load_file
 
 from swim.data.synth import SynthConfig, generate
@@ -29,6 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 SEG_RECIPE = ROOT / "recipes" / "seg_demo_cpu.yaml"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
+ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
+SAVES = (
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--save_total_limit",
+    "2",
+)  # checkpoint-2 (+ -4) and final
 # seconds per launch; a first ZeRO-3 run on a fresh machine JIT-builds DeepSpeed's CPU comm op (~30 s)
 LAUNCH_TIMEOUT = int(os.environ.get("SWIM_TEST_LAUNCH_TIMEOUT", "240"))
 TOLERANCE = 1e-5  # of the update's norm
@@ -62,15 +77,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, nproc=2) -> str:
-    """`torchrun -m swim.train ARGS` on `nproc` CPU ranks; the whole process group is killed after the timeout."""
+def torchrun(args, nproc=2, hub_cache=None) -> str:
+    """`torchrun -m swim.train ARGS` on `nproc` CPU ranks; the whole process group is killed after the timeout.
+    With `hub_cache`, hub names resolve from that offline cache."""
     return launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                    "127.0.0.1", "--master_port", str(free_port()), "-m", "swim.train", *args, "--ddp_timeout", "60"],
-                  nproc)  # fmt: skip
+                  nproc, hub_cache)  # fmt: skip
 
 
-def launch(cmd, nproc=2) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+def launch(cmd, nproc=2, hub_cache=None) -> str:
+    base = hub_environment(hub_cache) if hub_cache else os.environ
+    env = {k: v for k, v in base.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # torchrun, swim, python
     proc = subprocess.Popen(
@@ -124,6 +141,13 @@ def assert_same_run(out_dir, reference_dir, start):
     assert relative_difference(stock_weights(out_dir), stock_weights(reference_dir), start) < TOLERANCE
 
 
+def assert_stock_folders(out_dir, checkpoints=("checkpoint-2",)):
+    """The final folder (processed a video and generated) and each intermediate one are stock checkpoints."""
+    assert_stock_checkpoint(out_dir)
+    for name in checkpoints:
+        assert_stock_checkpoint(Path(out_dir) / name, generate=False)
+
+
 @pytest.fixture(scope="module")
 def start(tiny_ckpt):
     return stock_weights(tiny_ckpt)
@@ -141,35 +165,50 @@ def reference(tiny_ckpt, mixed, tmp_path_factory):
     return runs
 
 
-def test_ddp_with_mixed_batches_equals_one_process(tiny_ckpt, mixed, reference, start, tmp_path):
-    output = torchrun(swim_args(tiny_ckpt, mixed, tmp_path / "ddp", 4, "--use_cpu", "true"))
+def test_ddp_with_mixed_batches_equals_one_process(hub_cache, mixed, reference, start, tmp_path):
+    output = torchrun(
+        swim_args(HUB_NAME, mixed, tmp_path / "ddp", 4, "--use_cpu", "true", *SAVES), hub_cache=hub_cache
+    )
     assert "trained with DDP over 2 processes" in output
     assert_same_run(tmp_path / "ddp", reference["mixed"], start)
+    assert_stock_folders(tmp_path / "ddp", ("checkpoint-2", "checkpoint-4"))
 
 
 def test_zero3_with_mixed_batches_equals_one_process_and_resumes(
-    tiny_ckpt, mixed, reference, start, tmp_path
+    hub_cache, mixed, reference, start, tmp_path
 ):
-    zero3 = ("--deepspeed", str(ZERO3), "--save_strategy", "steps", "--save_steps", "2",
-             "--save_total_limit", "2")  # fmt: skip
-    output = torchrun(swim_args(tiny_ckpt, mixed, tmp_path / "z3", 4, *zero3))
+    zero3 = ("--deepspeed", str(ZERO3), *SAVES)
+    output = torchrun(swim_args(HUB_NAME, mixed, tmp_path / "z3", 4, *zero3), hub_cache=hub_cache)
     assert "trained with DeepSpeed ZeRO stage 3 over 2 processes" in output
     assert_same_run(tmp_path / "z3", reference["mixed"], start)
+    assert_stock_folders(
+        tmp_path / "z3", ("checkpoint-2", "checkpoint-4")
+    )  # was: 50 tensors under model.model.*
     # interrupted after the step-2 checkpoint, resumed on 2 ranks: the same losses and weights
-    torchrun(swim_args(tiny_ckpt, mixed, tmp_path / "resumed", 4, *zero3,
-                       "--resume_from_checkpoint", str(tmp_path / "z3" / "checkpoint-2")))  # fmt: skip
+    torchrun(swim_args(HUB_NAME, mixed, tmp_path / "resumed", 4, *zero3, "--resume_from_checkpoint",
+                       str(tmp_path / "z3" / "checkpoint-2")), hub_cache=hub_cache)  # fmt: skip
     assert [s for s, *_ in logged(tmp_path / "resumed")] == [1, 2, 3, 4]
     assert_same_run(tmp_path / "resumed", reference["mixed"], start)
 
 
-def test_fsdp2_with_mixed_batches_equals_one_process(tiny_ckpt, mixed, reference, start, tmp_path):
+def test_zero2_with_mixed_batches_equals_one_process(hub_cache, mixed, reference, start, tmp_path):
+    output = torchrun(swim_args(HUB_NAME, mixed, tmp_path / "z2", 4, "--deepspeed", str(ZERO2), *SAVES),
+                      hub_cache=hub_cache)  # fmt: skip
+    assert "trained with DeepSpeed ZeRO stage 2 over 2 processes" in output
+    assert_same_run(tmp_path / "z2", reference["mixed"], start)
+    assert_stock_folders(tmp_path / "z2", ("checkpoint-2", "checkpoint-4"))
+
+
+def test_fsdp2_with_mixed_batches_equals_one_process(hub_cache, mixed, reference, start, tmp_path):
     """Through the cluster launcher's `--fsdp2` switch (configs/fsdp/fsdp2.json), on 2 CPU ranks."""
-    recipe_args = swim_args(tiny_ckpt, mixed, tmp_path / "fsdp", 4)
+    recipe_args = swim_args(HUB_NAME, mixed, tmp_path / "fsdp", 4, *SAVES)
     assert recipe_args[:2] == ["--config", str(RECIPE)]
     output = launch(["bash", "run_scripts/run_sft.sh", "--recipe", str(RECIPE), "--fsdp2", "--gpus-per-node", "2",
-                     "--master-port", str(free_port()), "--", *recipe_args[2:], "--ddp_timeout", "60"])  # fmt: skip
+                     "--master-port", str(free_port()), "--", *recipe_args[2:], "--ddp_timeout", "60"],
+                    hub_cache=hub_cache)  # fmt: skip
     assert "trained with FSDP2 over 2 processes (parameters sharded as DTensor)" in output
     assert_same_run(tmp_path / "fsdp", reference["mixed"], start)
+    assert_stock_folders(tmp_path / "fsdp", ("checkpoint-2", "checkpoint-4"))
 
 
 def test_zero3_fully_supervised_control(tiny_ckpt, mixed, reference, start, tmp_path):
@@ -250,6 +289,7 @@ def assert_same_seg_run(out_dir, reference_dir, start):
     for row, expected in zip(run, ref):
         assert row == pytest.approx(expected, rel=1e-5)
     assert relative_difference(stock_weights(out_dir), stock_weights(reference_dir), start) < TOLERANCE
+    assert_stock_checkpoint(out_dir, generate=False)  # the LLM folder beside seg_head/ is a stock checkpoint
     heads = [SegHead.from_pretrained(Path(d) / "seg_head").state_dict() for d in (out_dir, reference_dir)]
     sam_start = SEG_START["sam"]
     assert relative_difference(*(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from checkpoint_checks import assert_stock_checkpoint
 from fixtures_data import write_clip
 from transformers import AutoProcessor, AutoTokenizer
 from transformers.video_utils import VideoMetadata
@@ -179,6 +180,7 @@ def test_train_eval_vis_and_infer(family_ckpt, tmp_path):
     assert config["architectures"] == [stock.__name__]
     _, info = stock.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_stock_checkpoint(out)
 
     video_flags = ["--num-frames", "8", "--max-frames", "8", "--min-pixels", "3136", "--max-pixels", "12544"]
     grounding_main(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_checks import assert_stock_checkpoint
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -103,6 +104,8 @@ def test_head_on_trains_every_loss_saves_beside_a_stock_llm_and_resumes(tiny_ckp
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert not any("seg_head" in k for k in load_file(out / "model.safetensors"))
+    assert_stock_checkpoint(out)
+    assert_stock_checkpoint(out / "checkpoint-2", generate=False)
     # the head reloads with the trained weights (decoder, projection, MBA all moved from their start)
     reloaded = SegHead.from_pretrained(out / "seg_head")
     for name, p in head.state_dict().items():
@@ -143,6 +146,7 @@ def test_lora_with_a_seg_token_trains_the_head_and_saves_it_beside_the_adapter(t
     from swim.merge_lora import merge_lora
 
     merged = merge_lora(out, tmp_path / "merged", base=str(tiny_ckpt))
+    assert_stock_checkpoint(merged)
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged, output_loading_info=True)
     assert (
         not info["missing_keys"]

@@ -1,4 +1,5 @@
-"""`swim train`: recipe -> data -> model -> trainer -> train -> save; resume; DeepSpeed ZeRO-3 on CPU."""
+"""`swim train`: recipe -> data -> model -> trainer -> train -> save; resume; DeepSpeed ZeRO-3 on CPU; runs from the
+paper's hub name (an offline hub cache) whose every folder, LoRA merges included, is a stock checkpoint."""
 
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkpoint_checks import HUB_NAME, assert_stock_checkpoint, hub_environment
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from swim.data.synth import SynthConfig, generate
@@ -49,8 +51,41 @@ def test_train_saves_a_plain_checkpoint_and_the_resolved_config(tiny_ckpt, synth
     ]
     _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert (out / "trainer_state.json").exists() and (out / "preprocessor_config.json").exists()
+    assert (out / "trainer_state.json").exists()
     assert all(attn > 0 for *_, attn in losses(trainer))
+    assert_stock_checkpoint(out)
+    for step in (2, 4):
+        assert_stock_checkpoint(out / f"checkpoint-{step}", generate=False)
+
+
+def run_module(module_args, hub_cache, timeout=400):
+    """`python -m ...` in a fresh process that resolves hub names from the offline cache, as a user's run does."""
+    proc = subprocess.run([sys.executable, "-m", *module_args], env=hub_environment(hub_cache), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_a_run_from_the_hub_name_writes_stock_folders(hub_cache, synth, tmp_path):
+    """Trained from `Qwen/Qwen2.5-VL-7B-Instruct` (no local folder to copy processor files from): the final folder
+    and every checkpoint-N hold the processor and load in `AutoProcessor` + the stock class."""
+    out = tmp_path / "hub"
+    run_module(
+        ["swim.train", *args(HUB_NAME, synth, out, "--max_steps", "2", "--save_steps", "1")], hub_cache
+    )
+    assert_stock_checkpoint(out)
+    for step in (1, 2):
+        assert_stock_checkpoint(out / f"checkpoint-{step}", generate=False)
+
+
+def test_lora_from_the_hub_name_merges_into_a_stock_folder(hub_cache, synth, tmp_path):
+    out, merged = tmp_path / "lora", tmp_path / "merged"
+    run_module(["swim.train", *args(HUB_NAME, synth, out, "--use_peft", "--lora_r", "4", "--lora_target_modules",
+                                    "q_proj", "k_proj", "--max_steps", "1", "--save_strategy", "no")], hub_cache)  # fmt: skip
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_NAME
+    assert (out / "processor_config.json").exists()  # the adapter folder carries the run's processor too
+    run_module(["swim.cli", "merge-lora", str(out), str(merged)], hub_cache)  # the base: the hub name
+    assert_stock_checkpoint(merged)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tiny_ckpt, synth, tmp_path):

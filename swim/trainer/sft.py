@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 from trl import SFTTrainer
 
+from swim.checkpoint import RunProcessor, check_stock_layout, drop_tied_aliases, stock_layout
 from swim.modeling.capture import AttentionProbe, vision_token_ids
 from swim.modeling.model import freeze_vision_tower, stock_model_class
 from swim.modeling.objective import grounding_loss, has_queries, supervised_pair_count, supervised_rows
@@ -36,9 +37,14 @@ logger = logging.getLogger(__name__)
 
 class SwimSFTTrainer(SFTTrainer):
     """`seg`: the optional segmentation head's settings (`swim.seg`); with `seg_head: true` the head is added as a
-    plug-in (`swim.seg.trainer.SegPlugin`), otherwise nothing of it exists."""
+    plug-in (`swim.seg.trainer.SegPlugin`), otherwise nothing of it exists. `processor`: the run's processor
+    (`swim.checkpoint.RunProcessor`), written into every folder the trainer saves, so that each `checkpoint-N` and
+    the final folder load with `AutoProcessor` as well as with the stock model class."""
 
-    def __init__(self, model, args: SwimSFTConfig, seg: SegConfig | None = None, **kwargs):
+    def __init__(
+        self, model, args: SwimSFTConfig, seg: SegConfig | None = None, processor: RunProcessor | None = None,
+        **kwargs,
+    ):  # fmt: skip
         if not isinstance(args, SwimSFTConfig):
             raise TypeError(f"SwimSFTTrainer needs a SwimSFTConfig, got {type(args).__name__}")
         if args.freeze_vision_tower and not isinstance(model, str):
@@ -47,6 +53,7 @@ class SwimSFTTrainer(SFTTrainer):
         seg_plugin = SegPlugin(model, args, seg, args.grounding_config()) if seg and seg.seg_head else None
         super().__init__(model=model, args=args, **kwargs)
         self.seg = seg_plugin
+        self.processor = processor
         if self.seg is not None:
             self.seg.after_init()
         # Qwen2.5-VL declares `accepts_loss_kwargs = False` (its own loss ignores `num_items_in_batch`), which makes
@@ -158,10 +165,25 @@ class SwimSFTTrainer(SFTTrainer):
         logger.info("resumed the weights of %s", resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """With the segmentation head: `seg_head/` beside a stock LLM folder (the LLM's state dict loses `seg_head.*`)."""
+        """A stock checkpoint folder: the weights under the stock class's tensor names (whatever the back-end), the
+        processor beside them, and with the segmentation head `seg_head/` (the LLM's state dict loses `seg_head.*`).
+        Runs for the final save and every `checkpoint-N` (`swim.checkpoint`)."""
+        output_dir = output_dir or self.args.output_dir
         if self.seg is not None and self.args.should_save:
-            state_dict = self.seg.save(self.model, output_dir or self.args.output_dir, state_dict)
-        super()._save(output_dir, state_dict)
+            state_dict = self.seg.save(self.model, output_dir, state_dict)
+        if state_dict:
+            state_dict = drop_tied_aliases(self.model, state_dict)
+        with stock_layout(self.model):
+            super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        if self.processor is not None:
+            self.processor.save(output_dir)
+        # ZeRO-3 with stage3_gather_16bit_weights_on_model_save off passes an empty state dict
+        if state_dict is not None and not state_dict:
+            logger.warning("%s holds DeepSpeed shards only, no stock weights (zero_to_fp32.py)", output_dir)
+        elif not hasattr(self.model, "peft_config"):  # an adapter folder is PEFT's format (swim merge-lora)
+            check_stock_layout(output_dir, self.accelerator.unwrap_model(self.model).config)
 
     def _log_terms(self, loss_text: torch.Tensor, attn_sum: torch.Tensor | None, attn_pairs: float,
                    num_items_in_batch) -> None:  # fmt: skip
