@@ -1,6 +1,7 @@
 """`swim validate` on hand-made good and faulty files: one fault of each kind, every faulty record named."""
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -172,3 +173,155 @@ def test_control_tokens_reported_per_turn(files, capsys):
         f"{path}:4: options: {found} '<|box_start|>'{hint}",
     ]
     assert "5 records checked, 5 problem(s) in 4 record(s) (control_tokens: 5)" in err and e.value.code == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Annotated records without <ins> tags: KLAL-style answer supervision, or SWIM data that lost its tags
+
+KLAL_Q, KLAL_A = "Which cell has the red square? Answer with the row letter and column number.", "C4"
+
+
+def klal_image(image: str, entry: dict) -> dict:
+    """A KLAL-style image record (as `swim data synth --task grid_patch` writes them): geometry, no tags."""
+    turns = [{"from": "human", "value": KLAL_Q}, {"from": "gpt", "value": KLAL_A}]
+    return {"image": image, "conversations": turns, "annotation": [{"0": entry}], "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def untagged(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("untagged")
+    Image.new("RGB", (64, 64), (40, 80, 120)).save(d / "a.png")
+    write_clip(d / "a.mp4", n_frames=8)
+    return d
+
+
+def run_validate(path, capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main([str(path), *args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_klal_records_get_one_note_naming_the_query_instead_of_a_mismatch_per_record(untagged, capsys):
+    records = [klal_image("a.png", {"box": [8, 8, 24, 24]}), klal_image("a.png", {"points": [[30.0, 31.0]]}),
+               klal_image("a.png", {"box": [0, 0, 10, 10]})]  # fmt: skip
+    path = write_json(untagged / "klal.json", records)
+    code, out, err = run_validate(path, capsys)
+    assert code == 1 and len(out.splitlines()) == 1 and "tag/object count mismatch" not in out
+    note = out.strip()
+    assert note.startswith(
+        f"{path}: annotation: 3 record(s) carry boxes, points but no <ins> tags (record(s) 0, 1, 2)"
+    )
+    assert "--query answer_last (attn_query: answer_last: the last token of each assistant answer" in note
+    assert "--query answer_all (every token of the answer)" in note and "as in KLAL" in note
+    assert "wrap each object's phrase in <ins>...</ins>" in note and "are tagged" not in note
+    assert "3 records checked, 3 problem(s) in 3 record(s) (tag_count: 3); 3 of them annotated without <ins> tags: " \
+           "--query answer_last for answer-supervised (KLAL) records, or add the tags" in err  # fmt: skip
+    for query in ("answer_last", "answer_all"):
+        assert run_validate(path, capsys, "--query", query)[:2] == (0, "")
+
+
+def test_untagged_masks_point_to_both_the_tags_and_the_query(untagged, capsys):
+    """SWIM data that lost its tags is a real error: the note must offer adding the tags as well as --query."""
+    two_objects = [object_annotation([2]), object_annotation([5])]
+    records = [nl_refer("a.mp4", "What is the dog doing?", "The dog runs.", [object_annotation([1, 3])]),
+               nl_refer("a.mp4", "Where is the cat and the dog?", "On the sofa.", two_objects)]  # fmt: skip
+    path = write_json(untagged / "masks.json", records)
+    code, out, _ = run_validate(path, capsys)
+    assert code == 1 and out.splitlines() == [out.strip()]
+    assert out.startswith(f"{path}: annotation: 2 record(s) carry masks but no <ins> tags (record(s) 0, 1); ")
+    assert (
+        "needs one tagged phrase per object" in out
+        and "--query answer_last" in out
+        and "<ins>...</ins>" in out
+    )
+
+
+def test_json_keeps_one_entry_per_record_and_puts_the_note_on_stderr(untagged, capsys):
+    records = [klal_image("a.png", {"box": [8, 8, 24, 24]}) for _ in range(7)]
+    path = write_json(untagged / "klal7.json", records)
+    code, out, err = run_validate(path, capsys, "--json")
+    report = json.loads(out)
+    assert code == 1 and [p["index"] for p in report] == list(range(7))
+    for p in report:
+        assert p["code"] == "tag_count" and p["field"] == "annotation"
+        assert (
+            p["reason"].startswith("1 annotated object(s) but no <ins>-tagged phrase")
+            and "--query answer_last" in p["reason"]
+        )
+    assert (
+        err.count(f"{path}: annotation: 7 record(s) carry boxes") == 1
+        and "(record(s) 0, 1, 2, 3, 4 and 2 more)" in err
+    )
+
+
+def test_mixed_file_keeps_other_problems_and_says_the_rest_is_tagged(untagged, capsys):
+    ann = [object_annotation([1, 3])]
+    records = [
+        nl_refer("a.mp4", GOOD_Q, GOOD_A, ann),  # tagged, good
+        nl_refer("a.mp4", "What is the dog doing?", "It runs.", ann),  # untagged
+        nl_refer(
+            "a.mp4", "Is the <ins>dog</ins> on the <ins>sofa</ins>?", "Yes.", ann
+        ),  # a real count mismatch
+        nl_refer("a.mp4", GOOD_Q, GOOD_A, [object_annotation([1, 99])]),  # tagged, frame out of range
+        klal_image("a.png", {"points": [[3.0, 4.0]]}),  # untagged
+        llava("a.mp4"),  # no annotation: needs no tags
+    ]
+    path = write_json(untagged / "mixed_tags.json", records)
+    code, out, err = run_validate(path, capsys)
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 3
+    assert lines[0].startswith(
+        f"{path}: annotation: 2 record(s) carry masks, points but no <ins> tags (record(s) 1, 4)"
+    )
+    assert (
+        "The other 3 annotated record(s) of this file are tagged, so these may be SWIM records that lost their tags"
+        in lines[0]
+    )
+    assert "--query answer_last" in lines[0] and "<ins>...</ins>" in lines[0]
+    assert (
+        lines[1]
+        == f"{path}:2: annotation: tag/object count mismatch: 2 distinct tagged phrase(s), 1 object(s)"
+    )
+    assert lines[2].startswith(f"{path}:3: annotation[0]['99']: frame index 99")
+    assert "4 problem(s) in 4 record(s) (tag_count: 3, frame_range: 1); 2 of them annotated without" in err
+
+
+def test_strict_and_mixtures_give_one_note_per_file(untagged, tmp_path, capsys):
+    a = write_json(untagged / "klal_a.json", [klal_image("a.png", {"box": [8, 8, 24, 24]})] * 2)
+    b = write_json(untagged / "klal_b.json", [klal_image("a.png", {"points": [[3.0, 4.0]]})])
+    code, out, _ = run_validate(a, capsys, "--strict")
+    assert code == 1 and out.startswith(
+        f"{a}: annotation: 1 record(s) carry boxes but no <ins> tags (record(s) 0)"
+    )
+    (tmp_path / "mix.yaml").write_text(
+        yaml.safe_dump({"datasets": [{"json_path": str(a)}, {"json_path": str(b)}]})
+    )
+    code, out, _ = run_validate(tmp_path / "mix.yaml", capsys)
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith(f"{a}: annotation: 2 record(s)") and lines[1].startswith(
+        f"{b}: annotation: 1 record(s)"
+    )
+
+
+def test_training_checks_stay_quiet_and_count_the_dropped_supervision(untagged, caplog):
+    """`check_record` (shared with `swim train`'s dataset) logs nothing; the dataset keeps the text, drops the
+    attention supervision of each untagged record, counts it and warns once."""
+    from fixtures_data import SMALL, tokenizer
+
+    from swim.data.dataset import SwimDataset
+    from swim.data.records import load_records
+
+    path = write_json(untagged / "klal_train.json", [klal_image("a.png", {"box": [8, 8, 24, 24]})] * 3)
+    records, _ = load_records(path)
+    with caplog.at_level(logging.WARNING):
+        problems = [p for rec in records for p in validate.check_record(rec, None, decode_masks=False)]
+        assert [p.code for p in problems] == ["tag_count"] * 3 and caplog.records == []
+        dataset = SwimDataset(records, SMALL, tokenizer())
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert all(len(s["query_positions"]) == 0 for s in samples)
+    assert dataset.skips.counts == {"supervision_dropped:tag_count": 3}
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1

@@ -17,6 +17,12 @@ Output: one line per problem, ``file:index: field: reason``, then a summary; ``-
 ``{"file", "index", "field", "reason", "code"}`` instead. Exit status 1 if there is any problem.
 ``--strict`` stops at the first problem.
 
+Records with annotations (masks, boxes, points) but no ``<ins>`` tag at all are the mark of answer-supervised
+(KLAL) data checked with the default ``--query tags``, or of SWIM data that lost its tags: they are still
+``tag_count`` problems (one per record in ``--json``, and in the count), but the text output replaces their lines
+by one note per file (`UntaggedNote`) that names both ways out, ``--query answer_last`` / ``answer_all`` or adding
+the tags (with ``--json`` the note goes to stderr).
+
 `check_record` is the single implementation of the semantic checks; `swim.data.dataset.SwimDataset` calls
 it too (with ``decode_masks=False``, because the dataset decodes the masks anyway when it builds targets).
 """
@@ -24,6 +30,7 @@ it too (with ``decode_masks=False``, because the dataset decodes the masks anywa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -51,15 +58,36 @@ def turn_field(record: Record, turn: int) -> str:
     return f"conversations[{turn}].value"
 
 
+def needs_tags(record: Record, *, supervise_qa: bool = False, query: str = "tags") -> bool:
+    """Whether each annotated object of ``record`` needs its own tagged phrase: its annotation is supervised and
+    the supervised rows are the tagged words (``query="tags"``; with answer-token rows tags are optional)."""
+    return query == "tags" and bool(record.annotation) and not record.text_only(supervise_qa)
+
+
+def untagged_reason(n_objects: int) -> str:
+    """The per-record reason for annotated objects without any ``<ins>`` tag: short (it is repeated per record
+    in ``--json``), but naming both ways out, since either the tags or the ``--query`` is what is wrong."""
+    return (
+        f"{n_objects} annotated object(s) but no <ins>-tagged phrase (--query tags, the default, needs one per "
+        "object): tag each object's phrase, or validate answer-supervised (KLAL) records with "
+        "--query answer_last"
+    )
+
+
 def check_tags(record: Record, *, supervise_qa: bool = False, query: str = "tags") -> list[RecordError]:
     """Malformed tags, and (for records with supervised masks whose rows are the tagged words, ``query="tags"``)
-    the tag/object count. With answer-token rows (``answer_last`` / ``answer_all``) tags are optional."""
+    the tag/object count. With answer-token rows (``answer_last`` / ``answer_all``) tags are optional.
+
+    A record with no tag at all keeps the code ``tag_count`` (the dataset drops its supervision and counts it,
+    as for any count mismatch) but gets a reason that says what to do about it (`untagged_reason`)."""
     try:
         phrases = check_turn_tags(record.turns())
     except TagError as e:
         return [record.error(turn_field(record, e.turn or 0), e.reason, "tags")]
-    if record.text_only(supervise_qa) or not record.annotation or query != "tags":
+    if not needs_tags(record, supervise_qa=supervise_qa, query=query):
         return []
+    if not phrases:
+        return [record.error("annotation", untagged_reason(len(record.annotation)), "tag_count")]
     _, reason = assign_objects(phrases, len(record.annotation))
     return [record.error("annotation", reason, "tag_count")] if reason else []
 
@@ -237,12 +265,129 @@ def validate_records(
     return problems
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Annotated records without tags: one note per file instead of a count mismatch per record
+
+_KIND_WORDS = {"segmentation": "masks", "box": "boxes", "points": "points", "polyline": "polylines"}
+_SHOWN_INDICES = 5
+
+
+@dataclass
+class TagCensus:
+    """Per file, for `UntaggedNote`: the positions of the annotated records with no ``<ins>`` tag, how many
+    annotated records are tagged, and the annotation kinds the untagged ones carry."""
+
+    untagged: set[int]
+    tagged: int
+    kinds: set[str]
+
+
+def tag_census(records: Sequence[Record], query: str) -> TagCensus:
+    """Which of a file's records need tags (`needs_tags`) and have none; malformed tags count as neither."""
+    census = TagCensus(set(), 0, set())
+    for rec in records:
+        if not needs_tags(rec, query=query):
+            continue
+        try:
+            phrases = check_turn_tags(rec.turns())
+        except TagError:
+            continue
+        if phrases:
+            census.tagged += 1
+            continue
+        census.untagged.add(rec.position)
+        census.kinds |= annotation_kinds(rec)
+    return census
+
+
+def annotation_kinds(record: Record) -> set[str]:
+    """The kinds of the record's annotation entries (``segmentation``, ``box``, ...); malformed entries are
+    left out (the shape checks report them)."""
+    kinds = set()
+    for obj in record.annotation:
+        for entry in obj.values():
+            with contextlib.suppress(ValueError):
+                kinds.add(entry_kind(entry))
+    return kinds
+
+
+@dataclass
+class UntaggedNote:
+    """Once per file: its annotated records without tags (those reported), and what to do about them."""
+
+    source: str
+    indices: list[int]
+    tagged: int
+    kinds: list[str]
+
+    def __str__(self) -> str:
+        shown = ", ".join(str(i) for i in self.indices[:_SHOWN_INDICES])
+        more = len(self.indices) - _SHOWN_INDICES
+        where = f"record(s) {shown}" + (f" and {more} more" if more > 0 else "")
+        kinds = ", ".join(_KIND_WORDS.get(k, k) for k in self.kinds) or "annotations"
+        mixed = ""
+        if self.tagged:
+            mixed = (f" The other {self.tagged} annotated record(s) of this file are tagged, so these may be SWIM "
+                     "records that lost their tags.")  # fmt: skip
+        return (
+            f"{self.source}: annotation: {len(self.indices)} record(s) carry {kinds} but no <ins> tags ({where}); "
+            "--query tags (the default, SWIM) supervises the attention of each object's <ins>-tagged phrase, so "
+            f"it needs one tagged phrase per object.{mixed} If they are answer-supervised (KLAL-style) records, "
+            "validate and train them with --query answer_last (attn_query: answer_last: the last token of each "
+            "assistant answer attends to the object, as in KLAL) or --query answer_all (every token of the "
+            "answer); if they are SWIM records, wrap each object's phrase in <ins>...</ins>."
+        )
+
+
+def _in_kind_order(kinds: set[str]) -> list[str]:
+    """Masks, boxes, points, polylines (then anything else), for a stable note."""
+    return sorted(
+        kinds, key=lambda k: (list(_KIND_WORDS).index(k) if k in _KIND_WORDS else len(_KIND_WORDS), k)
+    )
+
+
+def untagged_notes(censuses: dict[str, TagCensus], problems: Sequence[RecordError]) -> list[UntaggedNote]:
+    """One note per file whose reported ``tag_count`` problems include untagged records (after ``--strict``)."""
+    reported: dict[str, list[int]] = {}
+    for p in problems:
+        census = censuses.get(p.source)
+        if p.code == "tag_count" and census is not None and p.index in census.untagged:
+            reported.setdefault(p.source, []).append(p.index)
+    return [
+        UntaggedNote(source, indices, censuses[source].tagged, _in_kind_order(censuses[source].kinds))
+        for source, indices in reported.items()
+    ]
+
+
+def untagged_summary(notes: Sequence[UntaggedNote]) -> str:
+    """The summary line's pointer to the notes (stdout may have gone to a file)."""
+    untagged = sum(len(note.indices) for note in notes)
+    if not untagged:
+        return ""
+    return (f"; {untagged} of them annotated without <ins> tags: --query answer_last for answer-supervised "
+            "(KLAL) records, or add the tags (see the note above)")  # fmt: skip
+
+
+def print_problems(problems: Sequence[RecordError], notes: Sequence[UntaggedNote]) -> None:
+    """One line per problem, except a file's untagged records: its note, once, where the first of them was."""
+    by_source = {note.source: (note, set(note.indices)) for note in notes}  # sets: files of 100k records
+    printed: set[str] = set()
+    for p in problems:
+        note, untagged = by_source.get(p.source, (None, set()))
+        if note is None or p.code != "tag_count" or p.index not in untagged:
+            print(p)
+        elif p.source not in printed:
+            printed.add(p.source)
+            print(note)
+
+
 def collect(
     path: str | Path, data_root: str | None, strict: bool, query: str = "tags"
-) -> tuple[int, list[RecordError]]:
-    """(number of records read, problems) for a record file or a mixture YAML."""
+) -> tuple[int, list[RecordError], list[UntaggedNote]]:
+    """(number of records read, problems, notes on untagged records) for a record file or a mixture YAML."""
     path = Path(path)
     problems: list[RecordError] = []
+    censuses: dict[str, TagCensus] = {}
     if path.suffix in (".yaml", ".yml"):
         from swim.data.mixture import load_mixture_config
 
@@ -260,12 +405,15 @@ def collect(
         problems += bad
         if strict and problems:
             break
+        if records:
+            censuses[str(records[0].source)] = tag_census(records, query)
         problems += validate_records(records, strict=strict, query=query)
         n += len(records) + len(bad)
         if strict and problems:
             break
     problems.sort(key=lambda e: (e.source, -1 if e.index is None else e.index))
-    return n, problems[:1] if strict else problems
+    problems = problems[:1] if strict else problems
+    return n, problems, untagged_notes(censuses, problems)
 
 
 def collect_layout(args) -> tuple[int, list[RecordError]]:
@@ -305,19 +453,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    notes: list[UntaggedNote] = []
     if args.layout:
         n, problems = collect_layout(args)
     else:
-        n, problems = collect(args.path, args.data_root, args.strict, args.query)
+        n, problems, notes = collect(args.path, args.data_root, args.strict, args.query)
     if args.json:
         print(json.dumps([p.as_dict() for p in problems], indent=1))
+        for note in notes:  # stdout stays the JSON list
+            print(note, file=sys.stderr)
     else:
-        for p in problems:
-            print(p)
+        print_problems(problems, notes)
         bad = len({(p.source, p.index) for p in problems})
         by_code = ", ".join(f"{c}: {k}" for c, k in Counter(p.code for p in problems).most_common())
         summary = f"{n} records checked, {len(problems)} problem(s) in {bad} record(s)"
-        print(summary + (f" ({by_code})" if problems else ""), file=sys.stderr)
+        print(summary + (f" ({by_code})" if problems else "") + untagged_summary(notes), file=sys.stderr)
     sys.exit(1 if problems else 0)
 
 

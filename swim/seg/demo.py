@@ -2,6 +2,7 @@
 
     make demo-seg         # = swim seg demo --config recipes/seg_demo.yaml --out runs/demo-seg          (one seed)
     make demo-seg-sweep   # = swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
+    swim seg demo --config recipes/seg_demo.yaml --quick --seeds 0 --out /tmp/s   # toy sizes, every arm (tests)
 
 A tiny random Qwen2.5-VL (the `make demo` model) and a tiny random SAM-2 (128 px, decoder width 64) are trained
 from scratch, jointly, on the synthetic shapes set with the SWIM attention loss on, once per variant (same recipe,
@@ -70,11 +71,20 @@ class SegDemoConfig:
     parallel: int = 2  # training runs at once, one thread each
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> SegDemoConfig:
+    def from_yaml(cls, path: str | Path, quick: bool = False) -> SegDemoConfig:
+        """The demo config at `path`; with `quick`, its `quick:` block (toy sizes, for tests) laid over it.
+
+        `quick:` is a block of the YAML, not a setting: it never reaches the report, so the full run's
+        `demo_config` stays what it was before the block existed."""
         data = yaml.safe_load(Path(path).read_text()) or {}
+        overrides = quick_overrides(path, data.pop("quick", None))
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown demo settings {sorted(unknown)}")
+        if quick:
+            if not overrides:
+                raise ValueError(f"{path}: --quick needs a `quick:` block of toy sizes in the demo config")
+            data = {**data, **overrides}
         cfg = cls(**data)
         cfg.recipe = str(Path(path).parent / cfg.recipe)
         if not Path(cfg.recipe).exists():
@@ -82,6 +92,21 @@ class SegDemoConfig:
         if BASELINE not in cfg.runs:
             raise ValueError(f"{path}: runs must include the baseline {BASELINE!r}")
         return cfg
+
+
+def quick_overrides(path: str | Path, block) -> dict:
+    """The `quick:` block of a demo config, checked whether or not `--quick` is given (a typo there would
+    otherwise surface only in the test). It may shrink anything but `runs`: a quick run runs every arm."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ValueError(f"{path}: quick: must be a mapping of demo settings, got {type(block).__name__}")
+    bad = set(block) - {f.name for f in fields(SegDemoConfig)}
+    if bad:
+        raise ValueError(f"{path}: unknown settings in quick: {sorted(bad)}")
+    if "runs" in block:
+        raise ValueError(f"{path}: quick: may not change `runs` (a quick run trains every arm of the demo)")
+    return block
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,9 +431,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--seeds", type=int, nargs="+", help="run the demo once per seed (out/seed_N) + a summary"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the config's `quick:` toy sizes, every arm (tests; not a result)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = SegDemoConfig.from_yaml(args.config)
+    cfg = SegDemoConfig.from_yaml(args.config, quick=args.quick)
     for key in ("max_steps", "num_train", "num_val"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
