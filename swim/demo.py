@@ -244,7 +244,7 @@ def _split_section(report: dict, split: str) -> str:
 Chance levels for the pointing game: a uniformly random token **{result["chance"]:.3f}** (uniform attention puts
 {b["chance_mask_mass"]:.3f} of its mass on the object); a model that finds the *named colour* but not the shape
 (random token among cells of any object of the target's colour) **{colour_line}** — the shortcut an honest reading
-must compare against (demo_feasibility.md).
+must compare against (docs/demo_design.md §2).
 """
 
 

@@ -67,7 +67,8 @@ def test_structure(qwen):
     assert qwen.bos_token is None
 
 
-# Encodings hard-coded in public Qwen2/2.5/3 tests (they share the regular vocabulary); reference §2.3.
+# Encodings hard-coded in other public projects' Qwen2/2.5/3 tokenizer tests (they share the regular vocabulary),
+# e.g. alibaba/rtp-llm's qwen2_tokenizer_test.py, a Mojo BPE test checked against llama.cpp, SGLang/vLLM probes.
 KNOWN_ENCODINGS = {
     "Hello": [9707],
     "Hello world": [9707, 1879],

@@ -50,7 +50,7 @@ def _frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     ("hw", "mn", "mx", "expected"),
     [
         ((28, 28), 56 * 56, 14 * 14 * 4 * 1280, (56, 56)),  # too small: ceil after scaling by 2
-        ((720, 1280), 128 * 784, 768 * 784, (560, 1008)),  # too big: floor (reference §3.2)
+        ((720, 1280), 128 * 784, 768 * 784, (560, 1008)),  # too big: floor (docs/official_release.md §3.2)
         ((360, 640), 128 * 784, 768 * 784, (364, 644)),  # in range: nearest multiple of 28
         ((112, 112), 128 * 784, 768 * 784, (336, 336)),  # sqrt(8) * 112 / 28 = 11.3 -> 12
         # ratio exactly 200 is allowed; HF rounds 10 px to 0 (no max(factor, .)), so the min-area branch runs

@@ -3,7 +3,7 @@
     swim data synth OUT_DIR --task grid_patch --num-train 2000 --num-val 500 [--seed 0 --cell-code ...]
 
 The KL attention loss paper trains on Line Intersection, Line Tracing, Grid Patch, PixMo-Points and RefCOCO; it
-does not publish their generators, sizes or prompts (reference klal_gap.md §2), so each task here is our
+does not publish their generators, sizes or prompts (docs/klal.md §4), so each task here is our
 construction of what the paper names, on 224x224 images by default (an 8x8 grid of 28-px merged tokens for
 Qwen2/2.5-VL):
 

@@ -1,8 +1,8 @@
 """Object masks -> per-temporal-group targets on the merged-token grid.
 
 The official code keeps masks at pixel resolution and upsamples the predicted attention to them, pairs each
-temporal group with the mask of its *second* frame only, and uses frame 0 as a "no mask" sentinel (reference
-§3.2, §8.2 items 7 and 9). Here each mask is area-pooled onto the model's token grid (one value per merged
+temporal group with the mask of its *second* frame only, and uses frame 0 as a "no mask" sentinel
+(docs/official_release.md §2.5, §3.2, §7 items 7 and 9). Here each mask is area-pooled onto the model's token grid (one value per merged
 28x28 token: the fraction of the cell the object covers), both frames of a group are used, and validity is
 an explicit flag.
 

@@ -14,7 +14,7 @@ writes, with every path relative to OUT_DIR:
   DAVIS-based benchmark.
 
 Each object's `(colour, shape)` is unique within a video, so "the red circle" is unambiguous, while
-distractors of the same shape or the same colour make one attribute alone insufficient (demo_feasibility.md).
+distractors of the same shape or the same colour make one attribute alone insufficient (docs/demo_design.md §1).
 Every video is generated from its own RNG seeded by (seed, split, index): the output is byte-identical for a
 given seed and independent of generation order.
 

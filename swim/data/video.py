@@ -4,7 +4,7 @@
 qwen-vl-utils per-frame pixel budget) -> bicubic resize -> patchify. The output equals what
 `Qwen2VLVideoProcessor` gives for the same frames and size (tested to 1e-5).
 
-Design decisions (differences from the official SWIM loader, reference §3.2 and §8.2 item 7):
+Design decisions (differences from the official SWIM loader, docs/official_release.md §3.2 and §7 item 7):
 - Annotated frames are always sampled when the budget allows; the frame count never exceeds `max_frames`
   (when more frames are annotated than the budget, the annotated frames are subsampled uniformly).
 - Odd frame counts are padded by repeating the last index, as the HF processor pads frames, so the index list

@@ -12,9 +12,9 @@ Both bench variants work, detected per question:
   never sees. They become the words ``object N`` (a lone ``<region>`` becomes ``the object``), so the run
   works, but these numbers are not comparable with mask-prompted models.
 
-Prompt (reference §4.1, without the official script's stray literal ``<video>``): the question, the options
-one per line, then ``Answer with the option's letter from the given choices directly.``; the video comes
-first in the user turn. Answers are parsed by `parse_answer_letter` (``(B)``, ``B)``, ``B.``, ``B``,
+Prompt (docs/official_release.md §5.1, without the official script's stray literal ``<video>``): the question,
+the options one per line, then ``Answer with the option's letter from the given choices directly.``; the video
+comes first in the user turn. Answers are parsed by `parse_answer_letter` (``(B)``, ``B)``, ``B.``, ``B``,
 ``Answer: B``, lowercase, the option's text, ...); an answer with no recognisable option is counted wrong and
 listed under ``parse_failures``. Items whose video cannot be decoded or whose generation failed are counted
 wrong and listed under ``errors``. Malformed bench records (no options, no ground-truth letter) cannot be

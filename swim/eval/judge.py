@@ -2,8 +2,8 @@
 
 - Four dimensions, integers 0-5 (Subject Correspondence, Appearance Description, Temporal Description,
   Hallucination Detection); the item's scores are parsed from lines like ``1. Subject Correspondence: 5``.
-  The system prompt below paraphrases VideoRefer's ``system.txt`` (reference §4.2); the user message has
-  VideoRefer's ``##Correct answer: …`` / ``##Predicted answer: …`` layout.
+  The system prompt below paraphrases VideoRefer's ``system.txt`` (docs/official_release.md §5.2); the user
+  message has VideoRefer's ``##Correct answer: …`` / ``##Predicted answer: …`` layout.
 - Every reply is cached on disk as it arrives (append-only JSONL, fsync'd), keyed by a hash of the judge
   model, the sampling settings and the full prompt, so an interrupted run resumes without paying twice.
   Replies are parsed when read, so a parser fix re-scores the cache without new calls.

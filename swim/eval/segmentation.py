@@ -1,6 +1,6 @@
 """Segmentation metrics in NumPy: J (region similarity), F (boundary F-measure), J&F, DAVIS statistics, cIoU/gIoU.
 
-Definitions follow the DAVIS-2017 evaluation code (`davis2017/metrics.py`; shared/reference/mba_design.md §4),
+Definitions follow the DAVIS-2017 evaluation code (`davis2017/metrics.py`; docs/segmentation.md §4),
 written anew without OpenCV / scikit-image:
 
 - J = |P ∩ G| / |P ∪ G| per frame; 1 when both masks are empty.

@@ -189,7 +189,7 @@ def swim_parity_loss(
 
     attn: `[Λ, B, n, K]` raw head-mean probabilities. The product is taken in log space and min-max is scale
     invariant, so this equals the official value without its epsilons — which, in the release, swamp a product
-    of six ~1e-5 probabilities and leave BCE inputs near 1e-12 (reference §1.5).
+    of six ~1e-5 probabilities and leave BCE inputs near 1e-12 (docs/official_release.md §2.3).
     """
     num_groups = valid.shape[-1]
     with torch.autocast(device_type=attn.device.type, enabled=False):

@@ -1,7 +1,7 @@
-"""Referring video segmentation as an optional plug-in of SWIM training (issue 11; shared/reference/mba_design.md).
+"""Referring video segmentation as an optional plug-in of SWIM training (issue 11; docs/segmentation.md).
 
 A Sa2VA-style head — SAM-2 from transformers prompted by the last-layer state of the tagged word or of an added
-`[SEG]` token — with the seed-003 system's Mask-Biased Attention (three named semantics: the paper's text, the
+`[SEG]` token — with the MBA paper's Mask-Biased Attention (three named semantics: the paper's text, the
 authors' released code, and a fixed version), its text–mask contrastive and boundary losses, and SWIM's own
 supervised attention map as an MBA prior (our extension). Off unless a recipe sets `seg_head: true`; the LLM
 checkpoint stays a stock Qwen folder and the head saves beside it in `seg_head/`.

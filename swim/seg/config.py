@@ -1,16 +1,16 @@
 """`SegConfig`: the recipe keys of the optional segmentation head (`seg_head: true` turns it on).
 
 Parsed by `swim train` next to the data, training and model arguments (flat YAML keys, CLI overrides), and handed
-to `SwimSFTTrainer(seg=...)`, which adds the head as a plug-in. Defaults follow Sa2VA (loss weights) and the seed
-(λ/τ); "parity" values reproduce the authors' released code (shared/reference/mba_design.md §6.4):
+to `SwimSFTTrainer(seg=...)`, which adds the head as a plug-in. Defaults follow Sa2VA (loss weights) and the MBA
+paper (λ/τ); "parity" values reproduce the authors' released code (docs/segmentation.md §6.4):
 
-| key | default (ours) | parity (SALMA-1B code) | seed text |
+| key | default (ours) | parity (SALMA-1B code) | paper text |
 |---|---|---|---|
 | `mba_mode` | `off` (Sa2VA baseline); `fixed` recommended with MBA | `code` | `paper` |
-| `mba_prior` | `prepass` | `prepass` | SAM-2 logits (L82) |
+| `mba_prior` | `prepass` | `prepass` | SAM-2 logits (paper §3.2) |
 | `tmc_impl` | `fixed` | `parity` (= 0) | |
 | `boundary_norm` | `per_sample` | `parity` | no formula |
-| `mba_warmup_ratio` / `aux_warmup_ratio` | 0.10 / 0.20 | 0.10 / 0.20 | 0.05 / 0.05 (L147) |
+| `mba_warmup_ratio` / `aux_warmup_ratio` | 0.10 / 0.20 | 0.10 / 0.20 | 0.05 / 0.05 (paper §4.1) |
 """
 
 from __future__ import annotations
@@ -53,31 +53,31 @@ class SegConfig:
     )
     mba_heads: int = field(default=8, metadata={"help": "MBA attention heads (code: 8)."})
     mba_top_k: int = field(
-        default=2, metadata={"help": "MBA top-K expression tokens (code: 2; seed: not given)."}
+        default=2, metadata={"help": "MBA top-K expression tokens (code: 2; paper: not given)."}
     )
     mba_dropout: float = field(default=0.1, metadata={"help": "MBA attention dropout (code: 0.1)."})
     mba_tau: float = field(
-        default=1.0, metadata={"help": "τ_gate of σ(M/τ) for the prepass prior (seed: 1.0)."}
+        default=1.0, metadata={"help": "τ_gate of σ(M/τ) for the prepass prior (paper: 1.0)."}
     )
     mba_expr_tokens: int = field(default=32, metadata={"help": "Expression tokens offered to MBA's router."})
     mba_warmup_ratio: float = field(
         default=0.10,
-        metadata={"help": "Share of the steps over which γ's scale ramps 0 → 1 (code 0.10, seed 0.05)."},
+        metadata={"help": "Share of the steps over which γ's scale ramps 0 → 1 (code 0.10, paper 0.05)."},
     )
     tmc_impl: str = field(
         default="fixed", metadata={"help": f"TMC loss, one of {TMC_IMPLS} (parity: the released 0)."}
     )
-    tmc_weight: float = field(default=0.1, metadata={"help": "λ_tmc (seed: 0.1)."})
-    tmc_tau: float = field(default=0.15, metadata={"help": "τ_tmc (seed: 0.15)."})
+    tmc_weight: float = field(default=0.1, metadata={"help": "λ_tmc (paper: 0.1)."})
+    tmc_tau: float = field(default=0.15, metadata={"help": "τ_tmc (paper: 0.15)."})
     tmc_mask: str = field(
         default="gt", metadata={"help": f"TMC pooling mask, one of {TMC_MASKS} (code: gt)."}
     )
     tmc_detach_visual: bool = field(default=True, metadata={"help": "Detach TMC's visual side (code: true)."})
-    boundary_weight: float = field(default=0.05, metadata={"help": "λ_bound (seed: 0.05)."})
+    boundary_weight: float = field(default=0.05, metadata={"help": "λ_bound (paper: 0.05)."})
     boundary_norm: str = field(default="per_sample", metadata={"help": f"One of {BOUNDARY_NORMS}."})
     aux_warmup_ratio: float = field(
         default=0.20,
-        metadata={"help": "Share of the steps over which TMC and boundary ramp in (code 0.20, seed 0.05)."},
+        metadata={"help": "Share of the steps over which TMC and boundary ramp in (code 0.20, paper 0.05)."},
     )
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 """`SegHead`: a Sa2VA-style SAM-2 mask decoder prompted by the LLM, with optional Mask-Biased Attention.
 
 Data flow (shapes: F frames, Q objects (queries), P (frame, object) pairs, d LLM hidden, C SAM-2 hidden,
-S input side, h = S/16 embedding side, m = S/4 mask side; shared/reference/mba_design.md §6.3):
+S input side, h = S/16 embedding side, m = S/4 mask side; docs/segmentation.md §6.3):
 
 1. `query_hidden [Q, d]` — the last-layer hidden state of each object's query token (`swim.seg.probe`) — goes
    through Sa2VA's `Linear(d, d) – ReLU – Linear(d, C)` to the prompt vector `[Q, C]`.

@@ -1,4 +1,4 @@
-"""Segmentation losses of the seed-003 objective: small pure functions, float32, autocast off.
+"""Segmentation losses of the MBA paper's objective: small pure functions, float32, autocast off.
 
 Shapes used throughout (P = (frame, object) pairs of a batch, m = SAM-2's low-resolution mask side):
 - `logits` float `[P, m, m]`: mask logits of each pair;
@@ -9,12 +9,12 @@ Shapes used throughout (P = (frame, object) pairs of a batch, m = SAM-2's low-re
 The losses:
 - `bce_sum`, `dice_sum`: Sa2VA's `2.0·BCE + 0.5·Dice` (mmdet `CrossEntropyLoss(use_sigmoid)` averaged over a pair's
   pixels; `DiceLoss(naive_dice=True, eps=1)`), on every pixel at `m×m` (Sa2VA samples 12,544 uncertain points);
-- `boundary_sum`: the seed gives no formula (L123); ours is the later English draft's and the authors' code's
+- `boundary_sum`: the paper gives no formula (§3.3); ours is the later English draft's and the authors' code's
   operator — L1 between 3×3 Sobel gradient magnitudes of `σ(logits)` and of the target — with each map divided by
   its own maximum (`norm="per_sample"`). `norm="parity"` reproduces the released code, which divides every sample by
-  the *first* sample's maximum (`amax(...)[0]`, defect D5 of shared/reference/mba_design.md §2.2);
+  the *first* sample's maximum (`amax(...)[0]`, defect D5 of docs/segmentation.md §2.2);
 - `tmc_loss`: text–mask contrastive loss, a symmetric InfoNCE between L2-normalised text and mask-pooled visual
-  vectors over the objects of a batch, the mean of the two directions (the code's choice; the seed's Eq. 5 writes
+  vectors over the objects of a batch, the mean of the two directions (the code's choice; the paper's Eq. 5 writes
   the sum); `parity` returns the released code's constant zero (D4: its shape error is caught and zeroed).
 """
 

@@ -1,4 +1,4 @@
-"""Mask-Biased Attention (MBA, seed 003 §3.2): text features injected into SAM-2's image embedding, gated by a
+"""Mask-Biased Attention (MBA, the paper's §3.2): text features injected into SAM-2's image embedding, gated by a
 mask prior.
 
     F'_v = F_v + γ · s · (proj(MHA(LN(F_v), K, K)) ⊙ G),   G = gate from the prior, γ a scalar initialised to 0,
@@ -6,7 +6,7 @@ mask prior.
 
 Queries are the pixels of the lowest-resolution image embedding `F_v` (`[P, C, h, w]`, one map per (frame, object)
 pair), keys/values a few text vectors of the object. The seed describes the keys three incompatible ways and the
-authors' code does a fourth thing (shared/reference/mba_design.md §1.10, §2.2), so the semantics are named:
+authors' code does a fourth thing (docs/segmentation.md §1.10, §2.2), so the semantics are named:
 
 - `code`: keys = the object's prompt vector only (N = 1), as in the released SALMA code. With one key the softmax
   is exactly 1, so the block reduces to a spatially gated add of `proj(W_v·prompt)` (defect D1), and top-K routing

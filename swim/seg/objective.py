@@ -1,7 +1,7 @@
 """The segmentation objective on a collated batch: pairs, prompts, the SWIM attention prior, the loss terms.
 
 `L_seg = seg_weight·(bce_weight·BCE + dice_weight·Dice) + s_aux·(tmc_weight·L_tmc + boundary_weight·L_bound)`,
-added by the trainer to SWIM's `text_weight·CE + attn_weight·L_attn` (shared/reference/mba_design.md §6.5).
+added by the trainer to SWIM's `text_weight·CE + attn_weight·L_attn` (docs/segmentation.md §6.5).
 BCE, Dice and the boundary loss are means over the supervised (frame, object) pairs; TMC is one contrast per
 micro-batch over its objects. The unit of each is counted before the step (`step_counts`) so that the trainer can
 average over a whole optimiser step, as it does for the attention loss.

@@ -3,7 +3,7 @@
 Nothing can be downloaded here, so tests and the CPU demo use tiny random SAM-2 checkpoints built from config
 (`build_tiny_sam2`, `build_tiny_sam2_video`); GPU recipes point `seg_sam` at a real SAM-2.1 folder in transformers'
 layout (`facebook/sam2.1-hiera-large`). Two gotchas of the 5.23 classes shape the tiny configs
-(shared/reference/mba_design.md §5): Hiera needs a window of at least twice the query stride at the first block
+(docs/segmentation.md §5): Hiera needs a window of at least twice the query stride at the first block
 of a pooled stage, and `Sam2VideoModel` hard-codes 64-channel memories while splitting object pointers only when
 the hidden size is above 64, so the tiny video model has hidden size 128.
 

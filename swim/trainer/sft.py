@@ -1,7 +1,7 @@
 """`SwimSFTTrainer`: TRL's `SFTTrainer` with the SWIM attention-grounding loss added in `compute_loss`.
 
 TRL 1.16 computes the text loss by calling the backbone with a fused LM head, never the model's own forward
-(platform notes §7), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks the
+(docs/official_release.md §8), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks the
 supervised layers' attention; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
 `probe.capture(rows)`, and adds `attn_weight · L_attn` computed by the same code as the SWIM model classes'
 forward (`swim.modeling.model`). Any supported family (`swim.modeling.families`) trains the same way.
