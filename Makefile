@@ -9,15 +9,24 @@ STAMP := $(VENV)/.installed
 QWEN_TOKENIZER := .cache/qwen25vl-tokenizer
 QWEN_TOKENIZER_STAMP := $(QWEN_TOKENIZER)/.built
 
-.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-klal demo-seg demo-seg-sweep clean
+# lmms-eval in its own venv (its 0.7.x pins av<16; the project pins av==18.1.0): requirements-lmms.txt, docs/lmms_eval.md.
+LMMS_VENV := .venv-lmms
+LMMS_BIN := $(LMMS_VENV)/bin
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-klal demo-seg demo-seg-sweep lmms-setup test-lmms clean
 
 setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
+
+# PyTorch's CPU wheel index: `pip install torch` from PyPI on Linux takes the CUDA build (several GB). On a CUDA
+# machine use environment.yml (the GPU set), or name your CUDA build's index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 # Reinstalls only when the pinned set or the package metadata changes.
 $(STAMP): requirements-cpu.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -e .
 	# torchvision here is a CUDA build: let it import on CPU (only the official-processor test and the
@@ -34,12 +43,12 @@ $(QWEN_TOKENIZER_STAMP): $(STAMP) tools/build_qwen_tokenizer.py swim/tiny.py
 	touch $(QWEN_TOKENIZER_STAMP)
 
 lint: setup
-	$(BIN)/ruff check swim tests benchmarks tools
-	$(BIN)/ruff format --check swim tests benchmarks tools
+	$(BIN)/ruff check swim tests benchmarks tools lmms_tasks
+	$(BIN)/ruff format --check swim tests benchmarks tools lmms_tasks
 
 format: setup
-	$(BIN)/ruff format swim tests benchmarks tools
-	$(BIN)/ruff check --fix swim tests benchmarks tools
+	$(BIN)/ruff format swim tests benchmarks tools lmms_tasks
+	$(BIN)/ruff check --fix swim tests benchmarks tools lmms_tasks
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -63,5 +72,23 @@ demo-seg: setup
 demo-seg-sweep: setup
 	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
 
+lmms-setup: $(LMMS_STAMP)
+
+# Like $(STAMP): torch first, then the pinned set, then this package (editable, no dependencies), then the
+# torchvision CPU shim. Reinstalls only when the pinned set or the package metadata changes.
+$(LMMS_STAMP): requirements-lmms.txt constraints.txt pyproject.toml
+	test -x $(LMMS_BIN)/python || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_BIN)/python -m pip install -q --upgrade pip
+	$(LMMS_BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(LMMS_BIN)/python -m pip install -q -c constraints.txt -r requirements-lmms.txt
+	$(LMMS_BIN)/python -m pip install -q -c constraints.txt --no-deps -e .
+	$(LMMS_BIN)/python tools/install_tv_shim.py
+	touch $(LMMS_STAMP)
+
+# A tiny model trained 2 steps from the hub name, evaluated by lmms-eval on the shipped synthetic task through
+# run_scripts/eval_lmms.sh (tools/test_lmms.sh; not part of `make test`).
+test-lmms: setup lmms-setup
+	bash tools/test_lmms.sh
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) $(LMMS_VENV) runs .pytest_cache .cache
