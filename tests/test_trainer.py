@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch._dynamo
 from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -21,7 +22,7 @@ SPECS = [
 ]
 
 
-def train(ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=None):
+def train(ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=None, **overrides):
     model = (model_cls or stock_model_class(ckpt)).from_pretrained(ckpt)
     args = SwimSFTConfig(
         output_dir=str(out_dir),
@@ -40,6 +41,7 @@ def train(ckpt, out_dir, attn_weight, checkpointing=None, steps=1, model_cls=Non
         attn_weight=attn_weight,
         activation_checkpointing=checkpointing is not None,
         activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"},
+        **overrides,
     )
     trainer = SwimSFTTrainer(
         model=model,
@@ -85,6 +87,33 @@ def test_attention_loss_changes_the_supervised_layers_in_sft_trainer_train(
     for name, p in with_attn.model.named_parameters():
         if ".visual." in f".{name}":
             assert not p.requires_grad and torch.equal(p, before[name])
+
+
+def test_torch_compile_with_activation_checkpointing_trains_as_eager(tiny_ckpt, tmp_path):
+    """`torch_compile` with the recipes' non-reentrant checkpointing: the hooks in the checkpointed layers used to
+    be skipped by the compiled code ("no captured q/k" on the first supervised step)."""
+    torch._dynamo.reset()
+    try:
+        eager, _ = train(
+            tiny_ckpt, tmp_path / "eager", attn_weight=1.0, checkpointing="non_reentrant", steps=2
+        )
+        compiled, _ = train(
+            tiny_ckpt,
+            tmp_path / "compiled",
+            attn_weight=1.0,
+            checkpointing="non_reentrant",
+            steps=2,
+            torch_compile=True,
+            torch_compile_backend="aot_eager",
+        )
+        assert isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    finally:
+        torch._dynamo.reset()
+    for logs_e, logs_c in zip(eager.state.log_history[:2], compiled.state.log_history[:2], strict=True):
+        for key in ("loss", "loss_text", "loss_attn"):
+            assert logs_c[key] == pytest.approx(logs_e[key], rel=1e-5), key
+    for (name, pe), pc in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(pc, pe, rtol=0, atol=1e-6, msg=name)
 
 
 def test_checkpoint_is_a_plain_checkpoint_of_the_stock_class(family_ckpt, tmp_path):

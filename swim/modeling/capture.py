@@ -29,13 +29,30 @@ captured outside `capture()` (inference, batches without masks).
 Checkpointing: none or non-reentrant only. Under reentrant checkpointing the layer's forward runs without
 autograd, so captured q/k would carry no gradient: the probe raises, and `SwimSFTConfig` rejects the setting when
 the config is parsed. Memory: the keys of the supervised layers up to the last supervised row stay alive until the
-loss is computed (6 layers x 16k tokens x 512 x bf16 ~ 100 MB for Qwen2.5-VL-7B).
+loss is computed (6 layers x 16k tokens x 512 x bf16 ~ 100 MB for Qwen2.5-VL-7B), in storage of their own: a slice
+view would keep each layer's whole L-long key tensor alive. The rotary tables stay views: every layer receives the
+same `(cos, sin)`, so views share one pair of tensors, where copies would cost one pair per supervised layer.
+
+torch.compile (with or without activation checkpointing): the hooks are `torch.compiler.disable`d, so they always
+run eagerly (in a checkpointed layer Dynamo then runs that layer's checkpoint eagerly; the other layers stay
+compiled), and building a probe turns Dynamo's guards on module hooks on
+(`torch._dynamo.config.skip_nnmodule_hook_guards = False`): by default Dynamo does not guard on *empty* hook dicts,
+so code compiled for an unsupervised decoder layer (no hooks) was reused for the supervised ones, whose hooks then
+never ran. Code compiled before the probe existed has no such guard: build the probe before the first compiled
+forward (`SwimSFTTrainer` does), or call `torch._dynamo.reset()` after building it.
+
+Adapters: the probe follows module replacement. At each `capture()` it re-hooks any supervised layer whose attention
+or q/k module was replaced since it was hooked: PEFT's `get_peft_model` replaces `q_proj` by a LoRA layer whose
+`base_layer` is the hooked Linear, whose hook would see `W·x` without the adapter's delta. A probe built before the
+adapters were applied therefore gives the rows of one built after them.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +61,8 @@ from torch.utils.checkpoint import checkpoint
 
 from swim.modeling.families import FamilySpec, family_of
 from swim.modeling.losses import HEAD_FUSIONS, fuse_heads
+
+logger = logging.getLogger(__name__)
 
 # The official layers for the 28-layer Qwen2.5-VL-7B LLM.
 REFERENCE_LAYERS = (2, 7, 12, 17, 22, 27)
@@ -94,6 +113,12 @@ def supervised_layers(model: nn.Module, layers: Sequence[int] | str | None = Non
         if layers != ALL_LAYERS:
             raise ValueError(f"supervised layers must be a list of indices or {ALL_LAYERS!r}, got {layers!r}")
         return attention_layers
+    repeated = duplicate_indices(layers)
+    if repeated:
+        raise ValueError(
+            f"supervised layers {list(layers)} list {repeated} more than once (that layer would be weighted twice): "
+            "list each layer index once"
+        )
     bad = [i for i in layers if i not in attention_layers]
     if bad:
         raise ValueError(
@@ -101,6 +126,11 @@ def supervised_layers(model: nn.Module, layers: Sequence[int] | str | None = Non
             f"(those are {_ranges(attention_layers)})"
         )
     return list(layers)
+
+
+def duplicate_indices(indices: Sequence[int]) -> list[int]:
+    """The indices listed more than once, sorted: `[2, 7, 2, 2]` -> `[2]`."""
+    return sorted(i for i, n in Counter(indices).items() if n > 1)
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -165,22 +195,52 @@ def attention_from_qk(
     Bool `[B, Lk]` (False at padding); sliding_window: keys `window` or more positions back are masked.
     Returns `[B, heads, n, Lk]`: each row is a causal softmax over the keys `<=` its position that are not
     padding (nor outside the window), and sums to 1.
+
+    Float32 whatever autocast is active (the model-class forward under accelerate's bf16 mixed precision runs
+    inside CPU/CUDA autocast, which would run the score matmul in bf16): the inputs are cast to float32 and the
+    work runs with autocast off for their device.
     """
-    b, n, heads, d = query.shape
-    length, kv_heads = key.shape[1], key.shape[2]
-    index = query_positions[..., None].expand(-1, -1, cos.shape[-1])
-    q = _rope(query.transpose(1, 2), cos.gather(1, index), sin.gather(1, index)).float()  # [B, H, n, d]
-    k = _rope(key.transpose(1, 2), cos, sin).float()  # [B, KV, Lk, d]
-    # GQA without materialising repeated keys: group the query heads of each key/value head.
-    q = q.reshape(b, kv_heads, -1, d)  # [B, KV, (H/KV)*n, d]; head h = kv * (H/KV) + r, as repeat_kv
-    scores = torch.matmul(q, k.transpose(-1, -2)).view(b, heads, n, length) * scaling
-    keys = torch.arange(length, device=query.device)
-    allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
-    if sliding_window is not None:
-        allowed &= keys > query_positions[..., None] - sliding_window
-    allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    with _without_autocast(query.device.type):
+        query, key, cos, sin = (t.float() for t in (query, key, cos, sin))
+        b, n, heads, d = query.shape
+        length, kv_heads = key.shape[1], key.shape[2]
+        index = query_positions[..., None].expand(-1, -1, cos.shape[-1])
+        q = _rope(query.transpose(1, 2), cos.gather(1, index), sin.gather(1, index))  # [B, H, n, d]
+        k = _rope(key.transpose(1, 2), cos, sin)  # [B, KV, Lk, d]
+        # GQA without materialising repeated keys: group the query heads of each key/value head.
+        q = q.reshape(b, kv_heads, -1, d)  # [B, KV, (H/KV)*n, d]; head h = kv * (H/KV) + r, as repeat_kv
+        scores = torch.matmul(q, k.transpose(-1, -2)).view(b, heads, n, length) * scaling
+        keys = torch.arange(length, device=query.device)
+        allowed = (keys <= query_positions[..., None]) & key_mask[:, None, :]
+        if sliding_window is not None:
+            allowed &= keys > query_positions[..., None] - sliding_window
+        allowed |= keys == query_positions[..., None]  # a row always sees itself (the model does too)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+def _without_autocast(device_type: str):
+    """A context with autocast off for `device_type` (a no-op for devices without autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
+
+
+def _guard_module_hooks_under_compile() -> None:
+    """Make torch.compile notice the probe's hooks (see the module docstring).
+
+    Dynamo skips guards on *empty* hook dicts by default (`skip_nnmodule_hook_guards`), so code it compiled for a
+    decoder layer without hooks is reused for a hooked layer of the same class and the hooks never run. Off, an empty
+    hook dict is guarded (one `len() == 0` check) and a hooked layer gets code that calls its hooks. Process-wide:
+    it only adds guards, i.e. recompiles where hooks were added or removed.
+    """
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        logger.info(
+            "torch._dynamo.config.skip_nnmodule_hook_guards set to False: compiled code now checks module hooks"
+        )
 
 
 @dataclass
@@ -206,7 +266,9 @@ class AttentionProbe:
 
     Outside `capture()` the hooks do nothing, so inference and mask-less batches pay nothing. Within one
     `capture()` block the first forward is the one recorded (TRL's label-smoothing and return-outputs paths run a
-    second, gradient-free forward for metrics).
+    second, gradient-free forward for metrics). `capture()` first re-hooks any layer whose attention or q/k module
+    was replaced since it was hooked (PEFT adapters applied after the probe was built), so the rows always include
+    the adapters' weights. Works under torch.compile when the probe is built before the first compiled forward.
     """
 
     def __init__(
@@ -227,17 +289,49 @@ class AttentionProbe:
         self._selection: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
         self._batch_size = 0
         self._full_length = 0
-        self._handles = []
-        for slot, module in enumerate(self._modules):
-            attn = module.self_attn
-            q_module, k_module = self.family.pre_rope_modules(attn)
-            self._handles += [
-                attn.register_forward_pre_hook(self._rotary_hook(slot), with_kwargs=True),
-                q_module.register_forward_hook(self._state_hook(slot, attn.head_dim, "query")),
-                k_module.register_forward_hook(self._state_hook(slot, attn.head_dim, "key")),
-            ]
+        _guard_module_hooks_under_compile()
+        self._hooked: list[tuple[nn.Module, nn.Module, nn.Module] | None] = [None] * len(self._modules)
+        self._handles: list[list] = [[] for _ in self._modules]
+        for slot in range(len(self._modules)):
+            self._attach(slot)
 
-    # ---- hooks (run inside the supervised layers' forward; tensor slicing only)
+    # ---- hooks
+    def _attach(self, slot: int) -> None:
+        """Hook slot's attention module (rotary tables) and its current pre-RoPE q/k modules, replacing any earlier
+        hooks of that slot. The hooks always run eagerly: Dynamo calls a `torch.compiler.disable`d hook as is."""
+        for handle in self._handles[slot]:
+            handle.remove()
+        attn = self._modules[slot].self_attn
+        q_module, k_module = self.family.pre_rope_modules(attn)
+        self._hooked[slot] = (attn, q_module, k_module)
+        eager = torch.compiler.disable  # a traced hook would not run under compile + checkpointing (HOP)
+        self._handles[slot] = [
+            attn.register_forward_pre_hook(eager(self._rotary_hook(slot)), with_kwargs=True),
+            q_module.register_forward_hook(eager(self._state_hook(slot, attn.head_dim, "query"))),
+            k_module.register_forward_hook(eager(self._state_hook(slot, attn.head_dim, "key"))),
+        ]
+
+    def _follow_replaced_modules(self) -> None:
+        """Re-hook the layers whose attention or pre-RoPE q/k module is no longer the hooked one.
+
+        `get_peft_model` after the probe was built replaces `q_proj` / `k_proj` by LoRA layers wrapping the hooked
+        Linears (`base_layer`): their hooks would see `W·x` without the adapter's delta. Following the replacement
+        gives the rows a probe built after the adapters would give (`merge_and_unload` is followed back the same way).
+        """
+        for slot, module in enumerate(self._modules):
+            if self._hooked[slot] is None:  # removed
+                continue
+            attn = module.self_attn
+            current = (attn, *self.family.pre_rope_modules(attn))
+            if any(now is not hooked for now, hooked in zip(current, self._hooked[slot])):
+                logger.info(
+                    "decoder layer %d: attention q/k modules were replaced since the probe hooked them (e.g. PEFT "
+                    "adapters applied after it was built); hooking the new ones (%s, %s)",
+                    self.layers[slot], type(current[1]).__name__, type(current[2]).__name__,
+                )  # fmt: skip
+                self._attach(slot)
+
+    # ---- hook bodies (run inside the supervised layers' forward; tensor slicing only)
     def _select(self, batch_size: int, length: int, device: torch.device):
         """(samples Long [B'], rows Long [B', n] or None for every row, key length) of this capture block."""
         if self._selection is None:
@@ -269,10 +363,20 @@ class AttentionProbe:
         """
         return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
-    def _keep(self, x: torch.Tensor, samples: torch.Tensor, key_length: int) -> torch.Tensor:
-        """`x [B, L, ...]` -> the captured samples' first `key_length` positions (a view when all samples)."""
-        x = x[:, :key_length]
-        return x if samples.numel() == x.shape[0] else x[samples]
+    @staticmethod
+    def _keep(x: torch.Tensor, samples: torch.Tensor, key_length: int, own_storage: bool) -> torch.Tensor:
+        """`x [B, L, ...]` -> the captured samples' first `key_length` positions.
+
+        A subset of samples is gathered (a copy). With every sample, `own_storage` copies the slice when it is
+        shorter than L, so the kept tensor does not hold the whole L-long tensor alive (a copy keeps the autograd
+        graph: its backward needs no saved tensor); otherwise the result is a view of `x`.
+        """
+        if samples.numel() != x.shape[0]:
+            return x[samples, :key_length]
+        if key_length < x.shape[1]:
+            x = x[:, :key_length]
+            return x.clone(memory_format=torch.contiguous_format) if own_storage else x
+        return x
 
     def _rotary_hook(self, slot: int):
         def hook(module, args, kwargs):
@@ -282,9 +386,10 @@ class AttentionProbe:
                     t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"]
                 )  # 1-D RoPE: B=1
                 samples, _, key_length = self._select(hidden.shape[0], hidden.shape[1], hidden.device)
-                with self._own_saved_tensors():
+                with self._own_saved_tensors():  # views of the tables every layer shares (module docstring)
                     self._captured[slot] = _LayerCapture(
-                        cos=self._keep(cos, samples, key_length), sin=self._keep(sin, samples, key_length)
+                        cos=self._keep(cos, samples, key_length, own_storage=False),
+                        sin=self._keep(sin, samples, key_length, own_storage=False),
                     )
             return None
 
@@ -301,7 +406,7 @@ class AttentionProbe:
             states = output.reshape(*output.shape[:2], -1, head_dim)  # [B, L, heads, d]
             with self._own_saved_tensors():
                 if kind == "key":
-                    kept = self._keep(states, samples, key_length)
+                    kept = self._keep(states, samples, key_length, own_storage=True)
                 else:
                     kept = states if rows is None else states[samples[:, None], rows.clamp(min=0)]
             setattr(record, kind, kept)
@@ -317,7 +422,9 @@ class AttentionProbe:
 
         query_positions: Long `[B, n]` (-1 = no row): keep only these rows, of the samples that have any, and keys
         up to the last of them. None keeps every row of every sample (q of all tokens: analysis only).
+        Layers whose q/k modules were replaced since they were hooked (adapters) are re-hooked first.
         """
+        self._follow_replaced_modules()
         self.clear()
         self._query_positions = query_positions
         self._active = True
@@ -333,9 +440,11 @@ class AttentionProbe:
         self._query_positions = None
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for handles in self._handles:
+            for handle in handles:
+                handle.remove()
+        self._handles = [[] for _ in self._modules]
+        self._hooked = [None] * len(self._modules)
         self.clear()
 
     # ---- parameter-free work after the forward
@@ -344,11 +453,19 @@ class AttentionProbe:
 
         Returns (captured sample slot Long [Bq], captured row slot Long [Bq, n], valid Bool [Bq, n]).
         """
-        complete = all(r.key is not None and r.query is not None for r in self._captured.values())
-        if len(self._captured) != len(self._modules) or not complete:
+        missing = [
+            layer
+            for slot, layer in enumerate(self.layers)
+            if (record := self._captured.get(slot)) is None or record.key is None or record.query is None
+        ]
+        if missing:
             raise RuntimeError(
-                "no captured q/k: run the model forward inside `probe.capture()` first "
-                f"(captured slots {sorted(self._captured)} of 0..{len(self._modules) - 1})"
+                f"no captured q/k for supervised layers {missing} (of {self.layers}): run the model forward inside "
+                "`probe.capture()` first. If it did run there, the hooks in those layers did not fire: most likely "
+                "the model is compiled (torch.compile, `torch_compile: true`, with or without activation "
+                "checkpointing) and Dynamo reused code it had compiled before this probe hooked the layers. Build "
+                "the probe before the first compiled forward (SwimSFTTrainer does), or call `torch._dynamo.reset()` "
+                "after building it."
             )
         samples, rows, _ = self._selection
         device = samples.device

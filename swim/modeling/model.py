@@ -61,6 +61,8 @@ class SwimGroundingMixin:
 
     @property
     def probe(self) -> AttentionProbe:
+        """Built at the first grounded forward. Adapters applied later (`get_peft_model` on this model) are followed:
+        each `capture()` re-hooks q/k modules replaced since, so the attention loss includes the LoRA delta."""
         if self._probe is None:
             self._probe = AttentionProbe(self, self.grounding_config.layers)
         return self._probe

@@ -8,7 +8,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-from swim.modeling.capture import ALL_LAYERS
+from swim.modeling.capture import ALL_LAYERS, duplicate_indices
 from swim.modeling.losses import HEAD_FUSIONS
 from swim.modeling.objective import LAYER_FUSIONS, LOSS_TYPES, GroundingConfig
 from swim.modeling.targets import TARGET_BUILDERS
@@ -161,6 +161,13 @@ def _layers(value) -> list[int] | str | None:
     if values == [ALL_LAYERS]:
         return ALL_LAYERS
     try:
-        return [int(v) for v in values]
+        layers = [int(v) for v in values]
     except ValueError:
         raise ValueError(f"attn_layers must be layer indices or {ALL_LAYERS!r}, got {value!r}") from None
+    repeated = duplicate_indices(layers)
+    if repeated:
+        raise ValueError(
+            f"attn_layers {layers} list {repeated} more than once, which would weight those layers twice: list each "
+            "layer index once"
+        )
+    return layers
