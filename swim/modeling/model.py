@@ -110,7 +110,7 @@ class SwimGroundingMixin:
 
 def _register_conversion(swim_class: type, stock_class: type) -> None:
     """Checkpoints of some families use a legacy key layout converted on load by a mapping looked up by class
-    name; a class defined outside transformers needs it registered (platform notes §7, gotcha 2)."""
+    name; a class defined outside transformers needs it registered (docs/official_release.md §8)."""
     mapping = get_checkpoint_conversion_mapping(stock_class.__name__)
     if mapping is not None:
         register_checkpoint_conversion_mapping(swim_class.__name__, mapping, overwrite=True)
