@@ -245,6 +245,10 @@ Queries = tuple[
 def tag_queries(aligned: Alignment, n_objects: int) -> Queries:
     """SWIM: every token of every tagged phrase; the k-th distinct phrase is object k (a count mismatch drops the
     supervision, with a reason)."""
+    if not aligned.phrases and n_objects:
+        reason = (f"{n_objects} annotated object(s) but no <ins>-tagged phrase: tag each object's phrase, or train "
+                  "answer-supervised (KLAL) records with attn_query: answer_last")  # fmt: skip
+        return [], reason, 0
     objects, reason = assign_objects(aligned.phrases, n_objects)
     if objects is None:
         return [], reason, 0
