@@ -20,13 +20,16 @@ setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
 # PyTorch's CPU wheel index: `pip install torch` from PyPI on Linux takes the CUDA build (several GB). On a CUDA
 # machine use environment.yml (the GPU set), or name your CUDA build's index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ
+# One retry only: where the index cannot be reached but pip has other sources (find-links, a mirror), pip's
+# default five retries per package page would cost minutes.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS := --index-url $(TORCH_INDEX) --retries 1
 
 # Reinstalls only when the pinned set or the package metadata changes.
 $(STAMP): requirements-cpu.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -e .
 	# torchvision here is a CUDA build: let it import on CPU (only the official-processor test and the
@@ -79,7 +82,7 @@ lmms-setup: $(LMMS_STAMP)
 $(LMMS_STAMP): requirements-lmms.txt constraints.txt pyproject.toml
 	test -x $(LMMS_BIN)/python || $(PYTHON) -m venv $(LMMS_VENV)
 	$(LMMS_BIN)/python -m pip install -q --upgrade pip
-	$(LMMS_BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(LMMS_BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(LMMS_BIN)/python -m pip install -q -c constraints.txt -r requirements-lmms.txt
 	$(LMMS_BIN)/python -m pip install -q -c constraints.txt --no-deps -e .
 	$(LMMS_BIN)/python tools/install_tv_shim.py
