@@ -71,10 +71,9 @@ class RunProcessor:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.processor is not None:
-            self.processor.save_pretrained(
-                out
-            )  # processor_config.json (transformers >= 5), tokenizer, template
-            # and the per-part files that readers on transformers 4.x (vLLM and lmms-eval installs often pin it) open
+            # processor_config.json (transformers >= 5), tokenizer, template; then the per-part files that readers
+            # on transformers 4.x (vLLM and lmms-eval installs often pin it) open
+            self.processor.save_pretrained(out)
             for part in ("image_processor", "video_processor"):
                 if getattr(self.processor, part, None) is not None:
                     getattr(self.processor, part).save_pretrained(out)
@@ -93,23 +92,16 @@ def _resolve(source: str, filename: str) -> str | None:
                        _raise_exceptions_for_connection_errors=False)  # fmt: skip
 
 
-def _pretrained_model(model):
-    """The `PreTrainedModel` inside DDP / DeepSpeed / FSDP / compile wrappers (PEFT models are left as they are)."""
-    while hasattr(model, "module") and not hasattr(model, "save_pretrained"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 @contextmanager
 def stock_layout(model) -> Iterator[None]:
-    """Within this block `save_pretrained` of `model` writes the tensor names a freshly built stock model writes.
+    """Within this block `save_pretrained` of `model` (a `PreTrainedModel`, unwrapped) writes the tensor names a
+    freshly built stock model writes.
 
     transformers reverts the renamings recorded when the model was loaded (`_weight_conversions`). They are
     replaced here by the ones `save_pretrained` uses for a stock model built from its config (the class's own
     mapping without prefix changes), whatever path loaded the model and whatever wraps it: under FSDP2 the model's
     class is a generated subclass that transformers takes for custom code, and would save with no renaming at all.
     """
-    model = _pretrained_model(model)
     missing = object()
     recorded = model.__dict__.get("_weight_conversions", missing)
     model._weight_conversions = stock_conversions(model.config)
@@ -151,7 +143,6 @@ def drop_tied_aliases(model, state_dict: dict) -> dict:
     each tensor) no longer shares: the alias would be written as a tensor of its own, which the stock class does
     not write.
     """
-    model = _pretrained_model(model)
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     aliases = every - {name for name, _ in model.named_parameters()}
     return {k: v for k, v in state_dict.items() if k not in aliases}

@@ -14,6 +14,13 @@ from swim.modeling.families import family_of
 IM_START, IM_END, VISION_START, VISION_END, PAD = 1, 2, 9, 10, 0
 TIMESTAMP = (55, 56)  # two ordinary text tokens standing in for "<t seconds>"
 
+# `video_batch` samples: right-padded, unequal lengths, two tagged words on two objects in the first sample, two
+# videos in the second (the capture tests' standard case).
+PADDED_SAMPLES = [
+    dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),
+    dict(videos=[(2, 4, 8), (2, 4, 4)], text=9, queries=[(2, 0)], objects=1),
+]
+
 
 def video_batch(config, samples, seed: int = 0) -> dict:
     """Right-padded batch. Each sample: dict(videos=[(t, h, w), ...], text=n_text_tokens, queries=[(offset, obj)],

@@ -18,13 +18,9 @@ from swim.modeling.families import family_of
 from swim.modeling.losses import fuse_heads
 from swim.modeling.model import stock_model_class
 from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_pair_count, supervised_rows
-from swim.testing import video_batch
+from swim.testing import PADDED_SAMPLES, video_batch
 
-# Right-padded, unequal lengths, the second sample with two videos.
-SAMPLES = [
-    dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),
-    dict(videos=[(2, 4, 8), (2, 4, 4)], text=9, queries=[(2, 0)], objects=1),
-]
+SAMPLES = PADDED_SAMPLES  # right-padded, unequal lengths, the second sample with two videos
 # An image before the video (Qwen3-VL's DeepStack adds vision features to image and video positions alike).
 WITH_IMAGE = [
     dict(images=[(4, 4)], videos=[(2, 4, 4)], text=6, queries=[(1, 0)], objects=1),

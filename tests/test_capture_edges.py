@@ -14,13 +14,10 @@ from swim.modeling.capture import (
 )
 from swim.modeling.model import SwimQwen2_5_VLForConditionalGeneration, stock_model_class
 from swim.modeling.objective import GroundingConfig, grounding_loss, supervised_rows
-from swim.testing import video_batch
+from swim.testing import PADDED_SAMPLES, video_batch
 from swim.trainer import SwimSFTConfig
 
-SAMPLES = [
-    dict(videos=[(2, 4, 4)], text=6, queries=[(1, 0), (4, 1)], objects=2),
-    dict(videos=[(2, 4, 8), (2, 4, 4)], text=9, queries=[(2, 0)], objects=1),
-]
+SAMPLES = PADDED_SAMPLES  # right-padded, unequal lengths, the second sample with two videos
 LAYERS = [1, 3]
 CONFIG = GroundingConfig(layers=LAYERS)
 

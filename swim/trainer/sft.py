@@ -1,8 +1,8 @@
 """`SwimSFTTrainer`: TRL's `SFTTrainer` with the SWIM attention-grounding loss added in `compute_loss`.
 
 TRL 1.16 computes the text loss by calling the backbone with a fused LM head, never the model's own forward
-(docs/official_release.md §8), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks the
-supervised layers' attention; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
+(docs/official_release.md §8), so the grounding loss cannot live in a model forward. Here an `AttentionProbe` hooks
+the supervised layers' attention; `compute_loss` pops the `grounding` targets, runs TRL's own loss inside
 `probe.capture(rows)`, and adds `attn_weight · L_attn` computed by the same code as the SWIM model classes'
 forward (`swim.modeling.model`). Any supported family (`swim.modeling.families`) trains the same way.
 
@@ -169,11 +169,13 @@ class SwimSFTTrainer(SFTTrainer):
         processor beside them, and with the segmentation head `seg_head/` (the LLM's state dict loses `seg_head.*`).
         Runs for the final save and every `checkpoint-N` (`swim.checkpoint`)."""
         output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = hasattr(model, "peft_config")  # PEFT's own folder format (`swim merge-lora` makes it stock)
         if self.seg is not None and self.args.should_save:
             state_dict = self.seg.save(self.model, output_dir, state_dict)
-        if state_dict:
-            state_dict = drop_tied_aliases(self.model, state_dict)
-        with stock_layout(self.model):
+        if state_dict and not adapter:
+            state_dict = drop_tied_aliases(model, state_dict)
+        with nullcontext() if adapter else stock_layout(model):
             super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
@@ -182,8 +184,8 @@ class SwimSFTTrainer(SFTTrainer):
         # ZeRO-3 with stage3_gather_16bit_weights_on_model_save off passes an empty state dict
         if state_dict is not None and not state_dict:
             logger.warning("%s holds DeepSpeed shards only, no stock weights (zero_to_fp32.py)", output_dir)
-        elif not hasattr(self.model, "peft_config"):  # an adapter folder is PEFT's format (swim merge-lora)
-            check_stock_layout(output_dir, self.accelerator.unwrap_model(self.model).config)
+        elif not adapter:
+            check_stock_layout(output_dir, model.config)
 
     def _log_terms(self, loss_text: torch.Tensor, attn_sum: torch.Tensor | None, attn_pairs: float,
                    num_items_in_batch) -> None:  # fmt: skip
