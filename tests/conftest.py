@@ -1,4 +1,6 @@
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +52,15 @@ def hub_cache(tiny_ckpt, tmp_path_factory):
 def family_ckpt(request, tiny_checkpoints):
     """A tiny checkpoint of each supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5)."""
     return tiny_checkpoints(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen2.5-VL tokenizer folder (`make real-tokenizer`, part of `make test`) or $SWIM_QWEN_TOKENIZER."""
+    path = Path(
+        os.environ.get("SWIM_QWEN_TOKENIZER")
+        or Path(__file__).resolve().parents[1] / ".cache" / "qwen25vl-tokenizer"
+    )
+    if not (path / "tokenizer_config.json").is_file():
+        pytest.fail(f"no Qwen2.5-VL tokenizer at {path}: run `make real-tokenizer`", pytrace=False)
+    return path
