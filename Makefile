@@ -14,7 +14,7 @@ LMMS_VENV := .venv-lmms
 LMMS_BIN := $(LMMS_VENV)/bin
 LMMS_STAMP := $(LMMS_VENV)/.installed
 
-.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-klal demo-seg demo-seg-sweep lmms-setup test-lmms clean
+.PHONY: setup real-tokenizer test lint format demo demo-seeds demo-klal demo-seg demo-seg-sweep demo-build lmms-setup test-lmms clean
 
 setup: $(STAMP) $(QWEN_TOKENIZER_STAMP)
 
@@ -74,6 +74,11 @@ demo-seg: setup
 
 demo-seg-sweep: setup
 	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
+
+# NL-Refer construction offline (swim.data.nl_refer.demo_build): synth raw VideoRefer files -> swim data build
+# against a local rewriting server this command starts and stops -> swim validate -> a short training run.
+demo-build: setup
+	$(BIN)/python -m swim.data.nl_refer.demo_build --out runs/demo-build
 
 lmms-setup: $(LMMS_STAMP)
 

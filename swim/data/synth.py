@@ -2,6 +2,7 @@
 
     swim data synth OUT_DIR --seed 0 --num-train 200 --num-val 50 [--size 112 --frames 8 ...]
     swim data synth OUT_DIR --task grid_patch|line_intersection|line_tracing|points|rec ...   (swim.data.klal_synth)
+    swim data synth OUT_DIR --format videorefer ...   raw VideoRefer-format input for `swim data build`
 
 writes, with every path relative to OUT_DIR:
 - `train.json`, `val.json`: NL-Refer-style records (`video`, `index`, `conversations`, `annotation`, `height`,
@@ -479,6 +480,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-val", type=int, default=50)
     parser.add_argument("--num-bench-q", type=int, default=50, help="Bench-Q questions (types in rotation)")
     parser.add_argument("--num-bench-d", type=int, default=20)
+    parser.add_argument(
+        "--format",
+        choices=("nl_refer", "videorefer"),
+        default="nl_refer",
+        help="nl_refer: the files described above; videorefer: raw VideoRefer-700K/-Bench files with <region> "
+        "placeholders (--num-train detailed captions, --num-val QA; swim.data.synth_videorefer)",
+    )
     for f in fields(SynthConfig):  # every knob of SynthConfig is a flag: --object-size 30, --colours red blue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -513,7 +521,19 @@ def main(argv: list[str] | None = None) -> None:
         "bench_d": args.num_bench_d,
     }
     start = time.perf_counter()
-    paths = generate(args.out_dir, cfg, args.seed, counts)
+    if args.format == "videorefer":
+        from swim.data.synth_videorefer import generate_videorefer
+
+        counts = {
+            "detailed": counts["train"],
+            "qa": counts["val"],
+            "bench_d": counts["bench_d"],
+            "bench_q": counts["bench_q"],
+        }
+        paths = generate_videorefer(args.out_dir, cfg, args.seed, counts)
+        paths.pop("scenes")
+    else:
+        paths = generate(args.out_dir, cfg, args.seed, counts)
     logger.info(
         "wrote %s to %s in %.1f s",
         ", ".join(f"{counts[s]} {s}" for s in paths),

@@ -180,6 +180,7 @@ class Pending:
     request_id: str
     body: dict[str, Any]
     attempt: int
+    verdicts: list[Verdict] = field(default_factory=list)  # of the earlier attempts
 
 
 @dataclass
@@ -221,7 +222,7 @@ def plan_record(record, ctx: BuildContext) -> Pending | Decided:
         rid = request_id(record.index, body)
         entry = ctx.log.get(rid)
         if entry is None:
-            return Pending(rid, body, attempt)
+            return Pending(rid, body, attempt, verdicts)
         rids.append(rid)
         verdict = validate_reply(
             record,
@@ -538,6 +539,8 @@ def write_outputs(args, ctx: BuildContext, state: RunState, *, reparse: bool) ->
                 continue
             step = plan_record(item, ctx)
             if isinstance(step, Pending):
+                if step.verdicts:
+                    reasons["first_reply"].update(step.verdicts[0].codes)
                 if item.index in state.failed:
                     reject(item, "request", ["request_failed"], error=state.failed[item.index])
                 else:
@@ -671,8 +674,8 @@ def dry_run(args, ctx: BuildContext, prices: Prices) -> dict[str, Any]:
         **counts,
         "estimated_prompt_tokens": tokens_in,
         "estimated_completion_tokens": tokens_out,
-        "estimated_cost_usd": round(prices.cost(tokens_in, tokens_out), 2),
-        "estimated_cost_usd_batch": round(prices.cost(tokens_in, tokens_out, batch=True), 2),
+        "estimated_cost_usd": round(prices.cost(tokens_in, tokens_out), 4),
+        "estimated_cost_usd_batch": round(prices.cost(tokens_in, tokens_out, batch=True), 4),
         "prices_per_1m_tokens": {
             "input": prices.input_per_m,
             "output": prices.output_per_m,
