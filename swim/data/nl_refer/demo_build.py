@@ -34,7 +34,7 @@ KINDS = {  # kind -> raw file written by `swim data synth --format videorefer`
 # Faulty replies for a few records (by position in their file): [first reply, retry]; see local_llm.FaultResponder.
 DEMO_FAULTS = {
     "detailed": {1: ["leak_region"], 3: ["tag_adjective", "tag_adjective"], 5: ["invalid_json"]},
-    "qa": {0: ["swapped_order"], 2: ["changed_facts", "changed_facts"], 4: ["http_500"]},
+    "qa": {1: ["swapped_order"], 2: ["changed_facts", "changed_facts"], 4: ["http_500"]},
     "bench_q": {1: ["mask_language"]},
     "bench_d": {},
 }
@@ -124,25 +124,36 @@ def train(out: Path, stats: dict[str, dict], steps: int) -> Path:
     return run_dir
 
 
-def examples_page(stats: dict[str, dict], per_kind: int = 3) -> str:
-    """Markdown: for each kind, a few before/after pairs and every rejection with its reasons."""
-    lines = ["# NL-Refer build demo: before and after", ""]
+def examples_page(stats: dict[str, dict], per_kind: int = 2) -> str:
+    """Markdown: for each kind, a few before/after pairs, the records accepted after a retry, every rejection."""
+    lines = [
+        "# NL-Refer build demo: before and after",
+        "",
+        "Written by `make demo-build` (swim.data.nl_refer.demo_build).",
+        "",
+    ]
     for kind, s in stats.items():
-        source = json.loads(Path(s["inputs"][0]).read_text())
-        outputs = json.loads(Path(next(iter(s["outputs"]))).read_text())
-        rejected_path = Path(next(iter(s["outputs"]))).parent / "rejected.jsonl"
-        rejected = [json.loads(line) for line in rejected_path.read_text().splitlines() if line.strip()]
+        source = {str(r["id"]): r for r in json.loads(Path(s["inputs"][0]).read_text())}
+        output_path = Path(next(iter(s["outputs"])))
+        outputs = json.loads(output_path.read_text())
+        rejected = [
+            json.loads(line)
+            for line in (output_path.parent / "rejected.jsonl").read_text().splitlines()
+            if line
+        ]
         lines += [f"## {kind}: {s['accepted']} accepted ({s['accepted_after_retry']} after a retry), "
                   f"{sum(s['rejected'].values())} rejected", ""]  # fmt: skip
-        by_id = {str(r["id"]): r for r in source}
-        for record in outputs[:per_kind]:
-            before = by_id[str(record["id"])]
-            lines += ["| before | after |", "|---|---|"]
-            lines.append(f"| {_text(before)} | {_text(record)} |")
-            lines.append("")
+        shown = {id(r): r for r in outputs[:per_kind] + [r for r in outputs if r["meta"]["attempts"] > 1]}
+        for record in shown.values():
+            note = " (accepted after a retry)" if record["meta"]["attempts"] > 1 else ""
+            lines += [f"`{record['id']}`{note}", "```", "before: " + _text(source[str(record["id"])]),
+                      "after:  " + _text(record), "```", ""]  # fmt: skip
         for r in rejected:
-            lines.append(f"- rejected `{r['id']}` at stage {r['stage']}: {', '.join(r['codes'])}")
-        lines.append("")
+            lines += [
+                f"`{r['id']}` rejected at stage `{r['stage']}`: "
+                + "; ".join(r.get("problems") or r["codes"]),
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -153,7 +164,7 @@ def _text(record: dict) -> str:
         text = " / ".join(t["value"] for t in record["conversations"])
     else:
         text = record["caption"]
-    return text.replace("\n", " ").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("<video>\n", "").replace("\n", " ")
 
 
 def main(argv: list[str] | None = None) -> None:
