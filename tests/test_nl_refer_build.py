@@ -363,3 +363,27 @@ def test_budget_dry_run_and_reparse_send_only_what_they_should(
     assert run_build([qa], tmp_path, "qa", None, qwen_tokenizer_dir, "--reparse") == 0
     assert json.loads((tmp_path / "stats.json").read_text())["accepted"] == 14
     assert os.path.getsize(tmp_path / "rejected.jsonl") == 0
+
+
+def test_a_second_pass_reuses_the_input_checks(raw_data, monkeypatch):
+    from swim.data.nl_refer import raw
+    from swim.data.video import probe_video
+
+    checks, probes = Counter(), Counter()
+    real_check = raw.check_raw
+    monkeypatch.setattr(
+        raw, "check_raw", lambda record, **kw: checks.update([record.position]) or real_check(record, **kw)
+    )
+    memo = raw.CheckMemo()
+    path = raw_data / "videorefer-qa.json"
+    passes = [
+        [
+            type(r).__name__
+            for r in raw.iter_raw(
+                [path], "qa", memo=memo, probe=lambda p: probes.update([p]) or probe_video(p)
+            )
+        ]
+        for _ in range(2)
+    ]
+    assert passes[0] == passes[1] == ["RawRecord"] * 14
+    assert set(checks.values()) == {1} and set(probes.values()) == {1}

@@ -286,14 +286,17 @@ def load_prices(model: str, path: Path | None, price_in: float | None, price_out
 
 def read_records(args) -> Iterator[Any]:
     """Every input record of every IN file, as `RawRecord` or `InputProblem` (streamed)."""
-    from swim.data.nl_refer.raw import iter_raw
+    from swim.data.nl_refer.raw import CheckMemo, iter_raw
 
+    if not hasattr(args, "check_memo"):  # checked once, whatever the number of passes
+        args.check_memo = CheckMemo()
     yield from iter_raw(
         [str(p) for p in args.inputs],
         args.kind,
         video_root=args.video_root,
         check_videos=not args.skip_video_check,
         max_objects=args.max_objects,
+        memo=args.check_memo,
     )
 
 

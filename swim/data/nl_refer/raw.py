@@ -515,6 +515,15 @@ class _CachedProbe:
         return result
 
 
+class CheckMemo:
+    """Input checks and video probes remembered across passes over the same files (``swim data build`` reads
+    its inputs once to send and once to write): a record's masks are decoded and its video opened once."""
+
+    def __init__(self) -> None:
+        self.problems: dict[tuple[str, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self.probe: _CachedProbe | None = None
+
+
 def iter_raw(
     paths: Sequence[str | Path] | str | Path,
     kind: str,
@@ -523,6 +532,7 @@ def iter_raw(
     check_videos: bool = True,
     max_objects: int = DEFAULT_MAX_OBJECTS,
     probe: Callable[[str], VideoInfo] | None = None,
+    memo: CheckMemo | None = None,
 ) -> Iterator[RawRecord | InputProblem]:
     """Stream the records of ``paths`` (all of one ``kind``): a `RawRecord` (with ``video_info`` when videos
     are checked) for each good one, an `InputProblem` for each bad one — never raising for one record.
@@ -530,12 +540,15 @@ def iter_raw(
     Videos are probed (``probe``, default `probe_video`) at most once per distinct path; with
     ``check_videos=False`` they are not looked at. A syntax error inside a JSON array ends that file with an
     ``InputProblem`` (code ``json``) at the failing position; a file that cannot be opened raises `RecordError`.
+    With a ``memo`` (`CheckMemo`), the content checks and probes of an earlier pass are reused.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if isinstance(paths, (str, Path)):
         paths = [paths]
     cached = _CachedProbe(probe or probe_video) if check_videos else None
+    if memo is not None and cached is not None:
+        memo.probe = cached = memo.probe or cached
     for path in paths:
         source = str(path)
         records = iter_json_records(path, bad_lines="yield")
@@ -563,9 +576,16 @@ def iter_raw(
             except RawRecordError as e:
                 yield InputProblem(source, position, index, rid, e.codes, e.reasons)
                 continue
-            found = check_raw(record, probe=cached, max_objects=max_objects)
-            if found:
-                yield InputProblem(source, position, index, rid, *map(tuple, zip(*found)))
+            key = (source, position)
+            if memo is not None and key in memo.problems:
+                found_codes = memo.problems[key]
+            else:
+                found = check_raw(record, probe=cached, max_objects=max_objects)
+                found_codes = tuple(map(tuple, zip(*found))) if found else ()
+                if memo is not None:
+                    memo.problems[key] = found_codes
+            if found_codes:
+                yield InputProblem(source, position, index, rid, *found_codes)
                 continue
             if cached is not None:
                 record = replace(record, video_info=cached(record.video))
