@@ -823,8 +823,10 @@ def run(args) -> int:
     if not args.reparse:
         previous = signal.getsignal(signal.SIGINT)
 
-        def on_sigint(signum, frame):  # finish what is in flight, then write the outputs
+        def on_sigint(signum, frame):  # finish what is in flight, then write the outputs; twice: stop now
             nonlocal interrupted
+            if interrupted:
+                raise KeyboardInterrupt
             interrupted = True
             state.stop_reason = "interrupted"
             logger.warning("interrupted: no new requests; writing the outputs from the log")

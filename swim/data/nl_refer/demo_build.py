@@ -8,7 +8,8 @@
    ...) or a faulty reply twice, so that the retry and the rejection paths show in the report;
 3. ``swim data build`` rewrites the detailed-caption, QA, Bench-D and Bench-Q files through that server;
 4. ``swim validate`` checks the outputs; ``swim train`` trains a tiny random Qwen2.5-VL on the rewritten
-   detailed captions and QA for a few steps (the files are read without conversion);
+   detailed captions and QA for a few steps, and ``swim eval bench-q`` runs it on the rewritten Bench-Q (the
+   files are read without conversion; the tiny model's accuracy means nothing);
 5. ``OUT/stats.json`` (the build's statistics per kind) and ``OUT/examples.md`` (before/after pairs and the
    rejections with their reasons).
 
@@ -124,6 +125,16 @@ def train(out: Path, stats: dict[str, dict], steps: int) -> Path:
     return run_dir
 
 
+def evaluate(out: Path, stats: dict[str, dict], run_dir: Path) -> dict:
+    """`swim eval bench-q` on the rewritten Bench-Q, with the briefly trained tiny model (a reading check)."""
+    from swim.eval.bench_q import main as bench_q_main
+
+    bench = next(iter(stats["bench_q"]["outputs"]))
+    bench_q_main(["--model", str(run_dir), "--bench", bench, "--out", str(out / "eval_bench_q"), "--max-new-tokens", "4",
+                  "--num-frames", "4", "--max-pixels", "12544", "--overwrite"])  # fmt: skip
+    return json.loads((out / "eval_bench_q" / "results.json").read_text())
+
+
 def examples_page(stats: dict[str, dict], per_kind: int = 2) -> str:
     """Markdown: for each kind, a few before/after pairs, the records accepted after a retry, every rejection."""
     lines = [
@@ -182,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         stats = build_all(data, args.out / "nl_refer", server.base_url, args.tokenizer)
     validate_outputs(stats)
     run_dir = train(args.out, stats, args.train_steps)
+    metrics = evaluate(args.out, stats, run_dir)
+    logger.info(
+        "swim eval bench-q read the rewritten Bench-Q: %s",
+        {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+    )
     (args.out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     (args.out / "examples.md").write_text(examples_page(stats))
     total = {k: (s["accepted"], sum(s["rejected"].values())) for k, s in stats.items()}
