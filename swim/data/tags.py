@@ -38,13 +38,14 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from swim.data.control_tokens import find_control_tokens
 from swim.data.records import Turn
 from swim.modeling.families import VisionSpan, timestamp_text
+
+if TYPE_CHECKING:  # tensors only in `build_text`: `align_text` (the data checks) runs without torch
+    import torch
 
 OPEN_TAG, CLOSE_TAG = "<ins>", "</ins>"
 _TAG_RE = re.compile(r"</?ins>")
@@ -168,6 +169,21 @@ class TextSample:
     straddling: int = 0  # supervised tokens that extend beyond their tag (supervised whole)
 
 
+@dataclass
+class AlignedText:
+    """`TextSample` as plain lists (`align_text`): what the data checks need, without importing torch."""
+
+    input_ids: list[int]
+    labels: list[int]
+    mm_token_type_ids: list[int]
+    query_positions: list[int]
+    query_objects: list[int]
+    skip_reason: str | None
+    text: str
+    spans: list[tuple[int, int, str]]
+    straddling: int
+
+
 def build_text(
     tokenizer,
     turns: Sequence[Turn],
@@ -185,6 +201,36 @@ def build_text(
     tokens (`QUERY_SELECTORS`). With ``supervise=False`` or ``n_objects == 0`` no queries are produced (tags are
     still validated and removed). Raises `TagError`.
     """
+    import torch
+
+    a = align_text(
+        tokenizer, turns, media=media, n_objects=n_objects, supervise=supervise, system_prompt=system_prompt,
+        query=query,
+    )  # fmt: skip
+    return TextSample(
+        input_ids=torch.tensor(a.input_ids, dtype=torch.long),
+        labels=torch.tensor(a.labels, dtype=torch.long),
+        mm_token_type_ids=torch.tensor(a.mm_token_type_ids, dtype=torch.long),
+        query_positions=torch.tensor(a.query_positions, dtype=torch.long),
+        query_objects=torch.tensor(a.query_objects, dtype=torch.long),
+        skip_reason=a.skip_reason,
+        text=a.text,
+        spans=a.spans,
+        straddling=a.straddling,
+    )
+
+
+def align_text(
+    tokenizer,
+    turns: Sequence[Turn],
+    *,
+    media: Sequence[VisionSpan | tuple[Literal["video", "image"], int]] = (),
+    n_objects: int = 0,
+    supervise: bool = True,
+    system_prompt: str | None = SWIM_SYSTEM_PROMPT,
+    query: str = "tags",
+) -> AlignedText:
+    """`build_text` without the tensors (same arguments, same alignment)."""
     media = [m if isinstance(m, VisionSpan) else VisionSpan(m[0], m[1]) for m in media]
     phrases = check_turn_tags(turns)
     messages = _messages(turns, [m.kind for m in media], system_prompt)
@@ -211,12 +257,12 @@ def build_text(
     for p in labelled:
         lab[new_pos[p]] = ids[p]
     queries.sort()
-    return TextSample(
-        input_ids=torch.tensor(new_ids, dtype=torch.long),
-        labels=torch.tensor(lab, dtype=torch.long),
-        mm_token_type_ids=torch.tensor(types, dtype=torch.long),
-        query_positions=torch.tensor([new_pos[p] for p, _ in queries], dtype=torch.long),
-        query_objects=torch.tensor([o for _, o in queries], dtype=torch.long),
+    return AlignedText(
+        input_ids=new_ids,
+        labels=lab,
+        mm_token_type_ids=types,
+        query_positions=[new_pos[p] for p, _ in queries],
+        query_objects=[o for _, o in queries],
         skip_reason=skip_reason,
         text=clean,
         spans=[(s, e, clean[s:e]) for s, e in tag_ranges],

@@ -26,11 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if (
+    TYPE_CHECKING
+):  # torch is imported by the functions that resize and patchify: probing and decoding run without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +390,9 @@ def write_video(
 
 def _resize_uint8(frames: np.ndarray | torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> uint8 [T, 3, h, w] (see `resize_frames`)."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 frames, got {x.dtype}")
@@ -414,6 +420,8 @@ def patchify(frames: torch.Tensor, settings: VideoSettings) -> tuple[torch.Tenso
     Qwen's order: rows are (t, h/m, w/m, m, m), i.e. the m*m patches of one merged token are consecutive and
     merged tokens are (t, h/m, w/m) row-major; columns are (channel, tp, p, p).
     """
+    import torch
+
     p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
     n, c, height, width = frames.shape
     if height % (p * m) or width % (p * m):

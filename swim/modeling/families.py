@@ -23,9 +23,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is handled: the data checks run without it
+    from torch import nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -255,6 +256,8 @@ def _model_type(obj) -> str:
         return str(obj)
     config = getattr(obj, "config", obj)
     model_type = getattr(config, "model_type", None)
+    from torch import nn
+
     if model_type is None and isinstance(getattr(obj, "module", None), nn.Module):  # DeepSpeed / DDP wrappers
         return _model_type(obj.module)
     if model_type is None:

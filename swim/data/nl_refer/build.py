@@ -770,9 +770,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    """The family's tokenizer without torch (`swim.data.text_tokenizer`: same ids, offsets and chat template)."""
+    from swim.data.text_tokenizer import TextTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    return TextTokenizer.from_pretrained(name)
 
 
 def make_backend(args):

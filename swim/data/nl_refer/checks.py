@@ -18,7 +18,7 @@ The checks, in order (each a reason code; `REASONS` says what it means):
   Bench-Q / Bench-D record returned changed), ``question_changed`` (the question's words outside its placeholders
   and its introduction line changed), ``answer_missing`` (placeholders in the answer, but no answer returned);
 - the contract with training: the output record is read back with `swim.data.records.record_from_json` and
-  aligned with the family's tokenizer by `swim.data.tags.build_text`, exactly as the collator does; each tagged
+  aligned with the family's tokenizer by `swim.data.tags.align_text` (`build_text` without tensors), exactly as the collator does; each tagged
   span must give its own tokens with no token crossing the tag edge, and the same token ids as the span tokenized
   on its own (so that SWIM's official loader, which searches for the standalone tokens, finds it too):
   ``token_alignment``.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swim.data.records import RecordError, record_from_json
-from swim.data.tags import TagError, build_text, normalize_phrase, parse_tags, strip_tags
+from swim.data.tags import TagError, align_text, normalize_phrase, parse_tags, strip_tags
 
 REASONS: dict[str, str] = {
     "refusal": "the model refused",
@@ -311,7 +311,7 @@ def alignment_problems(tokenizer, record_json: dict, source: str, n_objects: int
         record = record_from_json(record_json, source=source, index=0)
     except RecordError as e:
         return [("record", str(e))]
-    sample = build_text(tokenizer, record.turns(), media=[("video", media_tokens)], n_objects=n_objects)
+    sample = align_text(tokenizer, record.turns(), media=[("video", media_tokens)], n_objects=n_objects)
     problems = []
     if sample.skip_reason:
         problems.append(("token_alignment", sample.skip_reason))

@@ -72,7 +72,7 @@ import yaml
 from swim.data.nl_refer.checks import COMMON_ADJECTIVES, DETERMINERS, GENERIC_NOUNS, PRONOUNS, parse_reply
 from swim.data.nl_refer.prompt import RECORD_MARKER, PromptTemplate
 from swim.data.records import RecordError, iter_json_objects, record_from_json
-from swim.data.tags import TagError, build_text, check_turn_tags, normalize_phrase
+from swim.data.tags import TagError, align_text, check_turn_tags, normalize_phrase
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def span_alignment(tokenizer, obj: dict[str, Any], source: str) -> tuple[str | N
     the normalised phrases that have a span crossing a token edge or tokenized otherwise than alone)."""
     try:
         record = record_from_json(obj, source=source, index=0)
-        sample = build_text(
+        sample = align_text(
             tokenizer, record.turns(), media=[("video", MEDIA_TOKENS)], n_objects=len(record.annotation)
         )
     except (RecordError, TagError) as e:
@@ -665,9 +665,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    """The family's tokenizer without torch (`swim.data.text_tokenizer`: same ids, offsets and chat template)."""
+    from swim.data.text_tokenizer import TextTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    return TextTokenizer.from_pretrained(name)
 
 
 def stats_path(out: Path) -> Path:
