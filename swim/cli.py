@@ -18,9 +18,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("swim.demo", "synthetic data + tiny model: baseline vs SWIM grounding report"),
     "data synth": ("swim.data.synth", "write the synthetic shapes videos, or a KLAL image task (--task ...)"),
     "data rvos": ("swim.data.rvos", "MeViS / Ref-YouTube-VOS / Ref-DAVIS17 split -> NL-Refer-style records"),
-    "data build": ("swim.data.nl_refer.build", "VideoRefer-700K / Bench -> NL-Refer: LLM rewriting into <ins> tags"),
-    "data synonyms": ("swim.data.nl_refer.synonyms", "the -synonym benchmark variant: tagged head nouns replaced"),
-    "data filter-videos": ("swim.data.filter_videos", "LLaVA-Video-178K: merge, absolute paths, drop bad videos"),
+    "data build": (
+        "swim.data.nl_refer.build",
+        "VideoRefer-700K / Bench -> NL-Refer: LLM rewriting into <ins> tags",
+    ),
+    "data synonyms": (
+        "swim.data.nl_refer.synonyms",
+        "the -synonym benchmark variant: tagged head nouns replaced",
+    ),
+    "data filter-videos": (
+        "swim.data.filter_videos",
+        "LLaVA-Video-178K: merge, absolute paths, drop bad videos",
+    ),
     "validate": ("swim.data.validate", "check record files / mixtures for bad records"),
     "infer": ("swim.eval.infer", "answer a question about a video"),
     "eval bench-q": ("swim.eval.bench_q", "VideoRefer-Bench-Q accuracy"),

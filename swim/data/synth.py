@@ -400,6 +400,19 @@ def _write_frames(folder: Path, video: np.ndarray) -> None:
         Image.fromarray(frame).save(folder / f"{t:05d}.jpg", quality=95)
 
 
+def write_scene(
+    out_dir: Path, name: str, video: np.ndarray, cfg: SynthConfig, *, frame_folder: bool = False
+) -> str:
+    """Write one rendered video as ``videos/<name>.mp4`` (or a JPEG frame folder); returns its relative path."""
+    if frame_folder:
+        rel = f"videos/{name}"
+        _write_frames(out_dir / rel, video)
+    else:
+        rel = f"videos/{name}.mp4"
+        write_video(out_dir / rel, video, cfg.fps, cfg.codec, cfg.crf if cfg.codec == "libx264" else None)
+    return rel
+
+
 def generate_split(out_dir: Path, split: str, count: int, seed: int, cfg: SynthConfig) -> list[dict]:
     """Render `count` videos of one split under out_dir/videos and return their records."""
     records = []
@@ -408,12 +421,9 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int, cfg: SynthC
         rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
         objects, video = sample_scene(rng, cfg)
         name = f"{split}_{i:05d}"
-        if split == "bench_q" and cfg.bench_q_frame_folders:
-            rel = f"videos/{name}"
-            _write_frames(out_dir / rel, video)
-        else:
-            rel = f"videos/{name}.mp4"
-            write_video(out_dir / rel, video, cfg.fps, cfg.codec, cfg.crf if cfg.codec == "libx264" else None)
+        rel = write_scene(
+            out_dir, name, video, cfg, frame_folder=split == "bench_q" and cfg.bench_q_frame_folders
+        )
         mid = str(cfg.frames // 2)
         if split in REFER_SPLITS:
             records.append(refer_record(rng, objects, rel, name, cfg))

@@ -36,14 +36,13 @@ from swim.data.synth import (
     SceneObject,
     SynthConfig,
     _pick,
-    _write_frames,
     annotated_frames,
     annotation_of,
     bench_q_question,
     caption_of,
     sample_scene,
+    write_scene,
 )
-from swim.data.video import write_video
 
 # output file name per count key (the flags of `swim data synth`: --num-train, --num-val, --num-bench-d, ...)
 FILES = {
@@ -157,13 +156,9 @@ def generate_videorefer(
             rng = np.random.default_rng([seed, _FILE_IDS[key], i])
             objects, video = sample_scene(rng, cfg)
             rid = f"synth_{key}_{i:05d}"
-            if key == "bench_q" and cfg.bench_q_frame_folders:
-                rel = f"videos/{rid}"
-                _write_frames(out / rel, video)
-            else:
-                rel = f"videos/{rid}.mp4"
-                crf = cfg.crf if cfg.codec == "libx264" else None
-                write_video(out / rel, video, cfg.fps, cfg.codec, crf)
+            rel = write_scene(
+                out, rid, video, cfg, frame_folder=key == "bench_q" and cfg.bench_q_frame_folders
+            )
             if key == "detailed":
                 body, referred = _detailed(rng, objects, cfg)
             elif key == "qa":

@@ -184,29 +184,11 @@ class AlignedText:
     straddling: int
 
 
-def build_text(
-    tokenizer,
-    turns: Sequence[Turn],
-    *,
-    media: Sequence[VisionSpan | tuple[Literal["video", "image"], int]] = (),
-    n_objects: int = 0,
-    supervise: bool = True,
-    system_prompt: str | None = SWIM_SYSTEM_PROMPT,
-    query: str = "tags",
-) -> TextSample:
-    """Render, tokenize and align one conversation.
-
-    ``media`` lists one `VisionSpan` per image/video (or ``(kind, n_tokens)``: one contiguous run of K =
-    ``t*h*w / merge**2`` tokens), placed at the start of the first user turn. ``query`` chooses the supervised
-    tokens (`QUERY_SELECTORS`). With ``supervise=False`` or ``n_objects == 0`` no queries are produced (tags are
-    still validated and removed). Raises `TagError`.
-    """
+def build_text(tokenizer, turns: Sequence[Turn], **options) -> TextSample:
+    """Render, tokenize and align one conversation: `align_text` (same arguments), as tensors."""
     import torch
 
-    a = align_text(
-        tokenizer, turns, media=media, n_objects=n_objects, supervise=supervise, system_prompt=system_prompt,
-        query=query,
-    )  # fmt: skip
+    a = align_text(tokenizer, turns, **options)
     return TextSample(
         input_ids=torch.tensor(a.input_ids, dtype=torch.long),
         labels=torch.tensor(a.labels, dtype=torch.long),
@@ -230,7 +212,13 @@ def align_text(
     system_prompt: str | None = SWIM_SYSTEM_PROMPT,
     query: str = "tags",
 ) -> AlignedText:
-    """`build_text` without the tensors (same arguments, same alignment)."""
+    """Render, tokenize and align one conversation (`build_text` gives the same as tensors).
+
+    ``media`` lists one `VisionSpan` per image/video (or ``(kind, n_tokens)``: one contiguous run of K =
+    ``t*h*w / merge**2`` tokens), placed at the start of the first user turn. ``query`` chooses the supervised
+    tokens (`QUERY_SELECTORS`). With ``supervise=False`` or ``n_objects == 0`` no queries are produced (tags are
+    still validated and removed). Raises `TagError`. Plain lists: the data checks run it without torch.
+    """
     media = [m if isinstance(m, VisionSpan) else VisionSpan(m[0], m[1]) for m in media]
     phrases = check_turn_tags(turns)
     messages = _messages(turns, [m.kind for m in media], system_prompt)

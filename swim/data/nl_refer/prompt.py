@@ -158,8 +158,14 @@ def build_messages(
     return messages
 
 
-def request_body(params: RequestParams, messages: list[dict[str, str]]) -> dict[str, Any]:
-    """An OpenAI chat-completions request body."""
+def request_body(
+    params: RequestParams,
+    messages: list[dict[str, str]],
+    *,
+    schema: dict[str, Any] = REPLY_SCHEMA,
+    schema_name: str = REPLY_SCHEMA_NAME,
+) -> dict[str, Any]:
+    """An OpenAI chat-completions request body (``params``: anything with `RequestParams`' fields)."""
     body: dict[str, Any] = {
         "model": params.model,
         "messages": messages,
@@ -171,7 +177,7 @@ def request_body(params: RequestParams, messages: list[dict[str, str]]) -> dict[
     if params.response_format == "json_schema":
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": REPLY_SCHEMA_NAME, "strict": True, "schema": REPLY_SCHEMA},
+            "json_schema": {"name": schema_name, "strict": True, "schema": schema},
         }
     elif params.response_format == "json_object":
         body["response_format"] = {"type": "json_object"}

@@ -70,7 +70,7 @@ from typing import Any
 import yaml
 
 from swim.data.nl_refer.checks import COMMON_ADJECTIVES, DETERMINERS, GENERIC_NOUNS, PRONOUNS, parse_reply
-from swim.data.nl_refer.prompt import RECORD_MARKER, PromptTemplate
+from swim.data.nl_refer.prompt import RECORD_MARKER, PromptTemplate, request_body
 from swim.data.records import RecordError, iter_json_objects, record_from_json
 from swim.data.tags import TagError, align_text, check_turn_tags, normalize_phrase
 
@@ -472,25 +472,6 @@ def payload(item: Item, allow_multiword: bool) -> dict[str, Any]:
     }
 
 
-def request_body(settings: LLMSettings, messages: list[dict[str, str]]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": settings.model,
-        "messages": messages,
-        "temperature": settings.temperature,
-        "max_tokens": settings.max_tokens,
-    }
-    if settings.seed is not None:
-        body["seed"] = settings.seed
-    if settings.response_format == "json_schema":
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "synonyms", "strict": True, "schema": REPLY_SCHEMA},
-        }
-    elif settings.response_format == "json_object":
-        body["response_format"] = {"type": "json_object"}
-    return body
-
-
 def body_id(body: dict[str, Any]) -> str:
     """sha256 of the canonical request body: the key of the response log."""
     canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -558,7 +539,7 @@ def decide(item: Item, tokenizer, *, allow_multiword: bool, table=None, llm: LLM
         },
     ]
     for attempt in range(llm.max_attempts):
-        body = request_body(llm.settings, messages)
+        body = request_body(llm.settings, messages, schema=REPLY_SCHEMA, schema_name="synonyms")
         rid = body_id(body)
         entry = llm.log.get(rid)
         if entry is None:
