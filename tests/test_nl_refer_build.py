@@ -365,7 +365,7 @@ def test_budget_dry_run_and_reparse_send_only_what_they_should(
     assert os.path.getsize(tmp_path / "rejected.jsonl") == 0
 
 
-def test_a_second_pass_reuses_the_input_checks(raw_data, monkeypatch):
+def test_input_checks_are_reused_by_later_passes_and_runs(raw_data, tmp_path, monkeypatch):
     from swim.data.nl_refer import raw
     from swim.data.video import probe_video
 
@@ -374,16 +374,25 @@ def test_a_second_pass_reuses_the_input_checks(raw_data, monkeypatch):
     monkeypatch.setattr(
         raw, "check_raw", lambda record, **kw: checks.update([record.position]) or real_check(record, **kw)
     )
-    memo = raw.CheckMemo()
-    path = raw_data / "videorefer-qa.json"
-    passes = [
-        [
-            type(r).__name__
-            for r in raw.iter_raw(
-                [path], "qa", memo=memo, probe=lambda p: probes.update([p]) or probe_video(p)
-            )
+    path = tmp_path / "qa.json"
+    path.write_bytes(
+        (raw_data / "videorefer-qa.json").read_bytes().replace(b'"videos/', f'"{raw_data}/videos/'.encode())
+    )
+
+    def one_pass(memo):
+        probe = lambda p: probes.update([p]) or probe_video(p)  # noqa: E731
+        return [
+            (type(r).__name__, getattr(r, "video_info", None))
+            for r in raw.iter_raw([path], "qa", memo=memo, probe=probe)
         ]
-        for _ in range(2)
-    ]
-    assert passes[0] == passes[1] == ["RawRecord"] * 14
+
+    memo = raw.CheckMemo(tmp_path / "checks.jsonl")
+    first = one_pass(memo)
+    assert (
+        one_pass(memo) == first and {kind for kind, _ in first} == {"RawRecord"} and all(v for _, v in first)
+    )
+    memo.close()
+    assert one_pass(raw.CheckMemo(tmp_path / "checks.jsonl")) == first  # the next run
     assert set(checks.values()) == {1} and set(probes.values()) == {1}
+    os.utime(path, ns=(0, 0))  # the input changed: checked again
+    assert one_pass(raw.CheckMemo(tmp_path / "checks.jsonl")) == first and set(checks.values()) == {2}

@@ -288,8 +288,8 @@ def read_records(args) -> Iterator[Any]:
     """Every input record of every IN file, as `RawRecord` or `InputProblem` (streamed)."""
     from swim.data.nl_refer.raw import CheckMemo, iter_raw
 
-    if not hasattr(args, "check_memo"):  # checked once, whatever the number of passes
-        args.check_memo = CheckMemo()
+    if not hasattr(args, "check_memo"):  # checked once, whatever the number of passes and runs
+        args.check_memo = CheckMemo(args.out / "input_checks.jsonl")
     yield from iter_raw(
         [str(p) for p in args.inputs],
         args.kind,
@@ -364,6 +364,8 @@ def _progress(total: int | None, desc: str):
 
 async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state: RunState) -> None:
     """Workers take records one at a time and send what each needs until it is decided."""
+    from swim.data.nl_refer.llm import RequestFailed
+
     bar = _progress(None, "rewrite")
 
     async def worker() -> None:
@@ -385,11 +387,7 @@ async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state:
                     return
                 try:
                     reply = await backend.complete(step.body)
-                except Exception as e:
-                    from swim.data.nl_refer.llm import RequestFailed
-
-                    if not isinstance(e, RequestFailed):
-                        raise
+                except RequestFailed as e:
                     state.failed[item.index] = str(e)
                     logger.warning("%s: request failed after retries: %s", item.index, e)
                     break
@@ -766,6 +764,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     missing = [str(x) for x in args.inputs if not x.is_file()]
     if missing:
         p.error(f"input file(s) not found: {', '.join(missing)}")
+    names = [output_name(args.kind, x) for x in args.inputs]
+    if len(set(names)) < len(names):
+        p.error(
+            f"two inputs would write the same output file ({sorted(n for n in names if names.count(n) > 1)[0]}): rename one"
+        )
     return args
 
 
@@ -818,6 +821,7 @@ def run(args) -> int:
     )
     if args.dry_run:
         dry_run(args, ctx, prices)
+        args.check_memo.close()
         return 0
     state = RunState(prices, batch=args.backend == "batch", budget_usd=args.budget_usd)
     interrupted = False
@@ -845,6 +849,7 @@ def run(args) -> int:
             signal.signal(signal.SIGINT, previous)
     stats = write_outputs(args, ctx, state, reparse=args.reparse)
     log.close()
+    args.check_memo.close()
     logger.info(
         "%d records: %d accepted, %d rejected (input %d, reply %d, request failed %d, not sent %d); $%.4f this run; %s",
         stats["records"], stats["accepted"], sum(stats["rejected"].values()), stats["rejected"]["input"],

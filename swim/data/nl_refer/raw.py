@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -517,11 +518,69 @@ class _CachedProbe:
 
 class CheckMemo:
     """Input checks and video probes remembered across passes over the same files (``swim data build`` reads
-    its inputs once to send and once to write): a record's masks are decoded and its video opened once."""
+    its inputs once to send and once to write): a record's masks are decoded and its video opened once.
 
-    def __init__(self) -> None:
-        self.problems: dict[tuple[str, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    With a ``path``, every result is also appended to that JSONL file and read back by the next run, so a resumed
+    build does not decode every mask again. A result is reused only while its input file has the same size and
+    modification time and the check settings (video root, video checks, object limit) are the same.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.results: dict[tuple[str, int], tuple[str, tuple, tuple, tuple | None]] = {}
         self.probe: _CachedProbe | None = None
+        self.path = Path(path) if path is not None else None
+        self._file = None
+        self._stamps: dict[tuple[str, str], str] = {}
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    e = json.loads(line)
+                    self.results[(e["s"], e["p"])] = (
+                        e["f"],
+                        tuple(e["c"]),
+                        tuple(e["r"]),
+                        e["v"] and tuple(e["v"]),
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a partial last line from a kill: that record is checked again
+
+    def stamp(self, source: str, settings: str) -> str:
+        key = (source, settings)
+        if key not in self._stamps:
+            st = os.stat(source)
+            self._stamps[key] = f"{st.st_size}:{st.st_mtime_ns}:{settings}"
+        return self._stamps[key]
+
+    def get(self, source: str, position: int, settings: str):
+        """(codes, reasons, video info) of an earlier check of this record, or None."""
+        hit = self.results.get((source, position))
+        if hit is None or hit[0] != self.stamp(source, settings):
+            return None
+        return hit[1:]
+
+    def put(
+        self, source: str, position: int, settings: str, codes: tuple, reasons: tuple, video: tuple | None
+    ):
+        stamp = self.stamp(source, settings)
+        self.results[(source, position)] = (stamp, codes, reasons, video)
+        if self.path is not None:
+            if self._file is None:
+                self._file = self.path.open("a", encoding="utf-8")
+            line = {
+                "s": source,
+                "p": position,
+                "f": stamp,
+                "c": list(codes),
+                "r": list(reasons),
+                "v": video and list(video),
+            }
+            self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def iter_raw(
@@ -540,7 +599,7 @@ def iter_raw(
     Videos are probed (``probe``, default `probe_video`) at most once per distinct path; with
     ``check_videos=False`` they are not looked at. A syntax error inside a JSON array ends that file with an
     ``InputProblem`` (code ``json``) at the failing position; a file that cannot be opened raises `RecordError`.
-    With a ``memo`` (`CheckMemo`), the content checks and probes of an earlier pass are reused.
+    With a ``memo`` (`CheckMemo`), the content checks and probes of an earlier pass (or run) are reused.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -549,6 +608,7 @@ def iter_raw(
     cached = _CachedProbe(probe or probe_video) if check_videos else None
     if memo is not None and cached is not None:
         memo.probe = cached = memo.probe or cached
+    settings = json.dumps([str(video_root) if video_root is not None else None, check_videos, max_objects])
     for path in paths:
         source = str(path)
         records = iter_json_records(path, bad_lines="yield")
@@ -576,19 +636,21 @@ def iter_raw(
             except RawRecordError as e:
                 yield InputProblem(source, position, index, rid, e.codes, e.reasons)
                 continue
-            key = (source, position)
-            if memo is not None and key in memo.problems:
-                found_codes = memo.problems[key]
-            else:
+            earlier = memo.get(source, position, settings) if memo is not None else None
+            if earlier is None:
                 found = check_raw(record, probe=cached, max_objects=max_objects)
-                found_codes = tuple(map(tuple, zip(*found))) if found else ()
+                codes, reasons = (tuple(x) for x in zip(*found)) if found else ((), ())
+                info = cached(record.video) if cached is not None and not codes else None
+                video = None if info is None else (info.num_frames, info.fps, info.height, info.width)
                 if memo is not None:
-                    memo.problems[key] = found_codes
-            if found_codes:
-                yield InputProblem(source, position, index, rid, *found_codes)
+                    memo.put(source, position, settings, codes, reasons, video)
+            else:
+                codes, reasons, video = earlier
+            if codes:
+                yield InputProblem(source, position, index, rid, codes, reasons)
                 continue
-            if cached is not None:
-                record = replace(record, video_info=cached(record.video))
+            if video is not None:
+                record = replace(record, video_info=VideoInfo(*video))
             yield record
 
 
