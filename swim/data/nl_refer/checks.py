@@ -186,6 +186,8 @@ def head_noun_problems(objects: Sequence[dict], max_words: int) -> list[tuple[st
             if expr_words[i : i + len(noun_words)] == noun_words and noun_words
         ]
         if not positions:
+            if not noun.isascii() and noun in expression:  # scripts without spaces between words
+                continue
             problems.append(
                 ("head_noun_not_in_expression", f"object {k}: {noun!r} not in expression {expression!r}")
             )
