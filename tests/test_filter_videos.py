@@ -314,3 +314,81 @@ def test_subset_and_side_paths():
     assert fv.side_paths(Path("d/x.json")) == (Path("d/x.rejected.jsonl"), Path("d/x.stats.json"))
     assert fv.json_array_text([]) == "[]\n"
     assert json.loads(fv.json_array_text([{"a": 1}, {"b": "é"}])) == [{"a": 1}, {"b": "é"}]
+
+
+def test_memory_does_not_grow_with_records(tmp_path):
+    """20,000 records, 3 videos: the inputs are streamed, so the peak stays far below the file's parsed size
+    (the whole-file version peaked at about 30 MB here, the streaming one at about 3.3 MB, most of it the
+    reader's 1 MB chunks; 100,000 records add about 5 bytes each)."""
+    import tracemalloc
+
+    bucket = tmp_path / "LLaVA-Video-178K" / "bucket"
+    for i in range(2):
+        clip(bucket / f"v{i}.mp4", seed=i)  # v2.mp4 is missing: a third of the records are dropped
+    conv = [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "A dog runs."}]
+    n = 20_000
+    src = bucket / "big.json"
+    src.write_text(
+        json.dumps([{"id": f"r{i}", "conversations": conv, "video": f"v{i % 3}.mp4"} for i in range(n)])
+    )
+    warm = tmp_path / "warm.json"  # first use of the decoders, tqdm, ... outside the measurement
+    warm.write_text(json.dumps([chat("w", str(bucket / "v0.mp4"), data_source="d")]))
+    assert run([warm, "--out", tmp_path / "w.json", "--workers", "1"]) == 0
+
+    out = tmp_path / "o.json"
+    tracemalloc.start()
+    try:
+        assert run([src, "--out", out, "--workers", "1", "--num", "5000", "--seed", "1"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MB"
+    kept, rejected, stats = outputs(out)
+    assert stats["records_read"] == n and stats["valid"] == n - n // 3 and stats["kept"] == len(kept) == 5000
+    assert stats["dropped_by_reason"] == {"missing_video": n // 3} == {"missing_video": len(rejected)}
+    assert stats["data_source_filled"] == 5000 and stats["unique_videos"] == 3
+    positions = [int(r["id"][1:]) for r in kept]
+    assert positions == sorted(positions) and all(p % 3 != 2 for p in positions)
+    expected = fv.select_subset(stats["valid"], 5000, 1)  # the same draw as the in-memory version
+    valid_positions = [i for i in range(n) if i % 3 != 2]
+    assert positions == [valid_positions[i] for i in expected]
+
+
+def test_syntax_error_inside_array_keeps_the_records_before(dataset, tmp_path, caplog):
+    good = str(dataset / BUCKET_B / "youtube/good2.mp4")
+    head = ",\n".join(json.dumps(chat(f"k{i}", good, data_source="d")) for i in range(3))
+    broken = tmp_path / "bucket" / "truncated.json"
+    broken.parent.mkdir()
+    broken.write_text("[" + head + ',\n{"id": "k3", "video": oops},\n' + json.dumps(chat("k4", good)) + "]")
+    after = tmp_path / "bucket" / "z_after.json"  # the next input is still read
+    after.write_text(json.dumps([chat("z0", good, data_source="d")]))
+    out = tmp_path / "o.json"
+    with caplog.at_level(logging.ERROR):
+        assert run([broken, after, "--out", out, "--workers", "1"]) == 0
+    kept, rejected, stats = outputs(out)
+    assert [r["id"] for r in kept] == ["k0", "k1", "k2", "z0"]
+    [row] = rejected
+    detail = row.pop("detail")
+    assert row == {"source": str(broken), "position": 3, "id": None, "video": None, "code": "json"}
+    assert "invalid JSON in record 3" in detail and "byte offset" in detail
+    assert "truncated.json" in caplog.text and "stopped reading at record 3" in caplog.text
+    assert stats["records_read"] == 5 and stats["dropped_by_reason"] == {"json": 1}
+    assert run([broken, after, "--out", out, "--workers", "1", "--strict"]) == 1
+
+
+def test_input_changed_between_passes_exits_2(dataset, tmp_path, caplog, monkeypatch):
+    good = str(dataset / BUCKET_B / "youtube/good2.mp4")
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([chat("x", good, data_source="d"), chat("y", good, data_source="d")]))
+    probe = fv.probe_videos
+
+    def probe_then_truncate(*args):
+        src.write_text(json.dumps([chat("x", good, data_source="d")]))
+        return probe(*args)
+
+    monkeypatch.setattr(fv, "probe_videos", probe_then_truncate)
+    out = tmp_path / "o.json"
+    with caplog.at_level(logging.ERROR):
+        assert run([src, "--out", out, "--workers", "1"]) == 2
+    assert "changed while it was being filtered" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json"]  # no output, no temporary file left

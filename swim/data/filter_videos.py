@@ -21,6 +21,22 @@ Outputs: OUT (a JSON array, one record per line), ``OUT.rejected.jsonl`` (one li
 ``OUT.stats.json`` (counts and arguments), each written atomically. Exit status 0 when the run completed,
 1 with ``--strict`` if anything was dropped, 2 for unusable input (a file that is not JSON, a missing path).
 The output passes ``swim validate`` and reads as `ChatRecord`s. See docs/filter_videos.md.
+
+Memory does not grow with the number of records beyond about 5 bytes each (LLaVA-Video-178K has about 1.3M):
+the inputs are streamed twice with `swim.data.json_stream.iter_json_records`, never loaded whole.
+
+1. `scan_inputs` reads every record, runs the text checks and keeps only the distinct absolute video paths
+   and, per record, 4 bytes: the index of its video, or -1 if its text was rejected (`Scan`).
+2. `probe_videos` settles each distinct video once.
+3. `iter_results` reads the inputs again and `write_results` writes, in input order, each dropped record's
+   rejected line (text rejections are re-derived, they are deterministic) and each kept record into OUT, one
+   line at a time, to temporary files that are renamed over the outputs at the end. The ``--num`` subset is
+   the same `draw_subset` over the ordinals of the valid records as when everything was held in memory, so
+   the outputs are unchanged. An input that no longer reads as in pass 1 is unusable input (exit status 2).
+
+A syntax error inside a ``.json`` array stops the reading of that file: the records before it are kept, the
+error is logged and becomes a ``json`` rejected line at the position of the record that could not be read. A
+file from which not even its first record can be read is unusable input (exit status 2).
 """
 
 from __future__ import annotations
@@ -33,17 +49,20 @@ import os
 import re
 import sys
 import time
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from swim.data.records import RecordError, iter_json_objects, record_from_json
+from swim.data.json_stream import iter_json_records
+from swim.data.records import RecordError, record_from_json
 from swim.data.validate import check_control_tokens, check_tags
 from swim.data.video import VideoDecodeError, VideoInfo, VideoSettings, probe_video, read_frames
 
@@ -54,7 +73,7 @@ INPUT_SUFFIXES = (".json", ".jsonl")
 
 # reason code -> meaning (docs/filter_videos.md lists the same)
 REASONS: dict[str, str] = {
-    "json": "a .jsonl line that is not valid JSON",
+    "json": "a .jsonl line that is not valid JSON, or a syntax error in a .json array (the file is read up to it)",
     "shape": "not a LLaVA-Video chat record (not an object, wrong field types, video and image both given)",
     "conversations": "conversations missing or malformed, or fewer than 2 turns",
     "tags": "malformed <ins> tags in the text (swim validate would reject the record)",
@@ -150,11 +169,6 @@ def expand_inputs(paths: Sequence[Path], exclude: Iterable[Path] = ()) -> list[P
     return files
 
 
-def read_file(path: Path) -> list[tuple[int, Any]]:
-    """All ``(position, object)`` of one input file; raises `RecordError` (index None) if it is not JSON."""
-    return list(iter_json_objects(path))
-
-
 def absolute_video(video: str, json_file: Path, video_root: Path | None) -> str:
     """``video`` as an absolute, normalised path; relative ones resolve against ``video_root`` or the JSON's
     folder. Symlinks are not followed, so a path through a linked ``LLaVA-Video-178K`` folder keeps that name."""
@@ -182,10 +196,22 @@ def text_problem(record: dict[str, Any], source: str, position: int) -> RecordEr
     return found[0] if found else None
 
 
+def normalise(obj: dict[str, Any], video: str, source: Path, video_root: Path | None) -> tuple[dict, bool]:
+    """A copy of ``obj`` with its video absolute and a missing data_source filled; (record, filled)."""
+    record = dict(obj)
+    record["video"] = absolute_video(video, source, video_root)
+    filled = not record.get("data_source")
+    if filled:
+        record["data_source"] = source.parent.name
+    return record, filled
+
+
 def prepare(obj: Any, source: Path, position: int, video_root: Path | None) -> Entry:
     """A `Candidate` (absolute video, data_source set) if the record passes the text checks, else `Rejected`."""
     src = str(source)
-    if isinstance(obj, RecordError):  # a .jsonl line that is not JSON
+    if isinstance(
+        obj, RecordError
+    ):  # a .jsonl line that is not JSON, or the syntax error that ended an array
         return Rejected(src, position, None, None, obj.code, obj.reason)
     if not isinstance(obj, dict):
         detail = f"expected a JSON object, got {type(obj).__name__}"
@@ -197,16 +223,78 @@ def prepare(obj: Any, source: Path, position: int, video_root: Path | None) -> E
         else:
             detail = "missing (an image record?)" if "image" in obj else "missing"
         return Rejected(src, position, rec_id, video, "no_video", detail)
-    record = dict(obj)
-    record["video"] = absolute_video(video, source, video_root)
-    filled = not record.get("data_source")
-    if filled:
-        record["data_source"] = source.parent.name
+    record, filled = normalise(obj, video, source, video_root)
     problem = text_problem(record, src, position)
     if problem is not None:
         detail = f"{problem.field}: {problem.reason}"
         return Rejected(src, position, rec_id, record["video"], problem.code, detail)
     return Candidate(src, position, record, filled)
+
+
+def read_records(path: Path, *, log: bool = True) -> Iterator[tuple[int, Any]]:
+    """Stream ``(position, object)`` from one input file with `iter_json_records` (the file is never loaded whole).
+
+    A ``.jsonl`` line that is not JSON comes as a `RecordError` object (code ``json``), and so does a syntax
+    error inside a ``.json`` array, at the position of the record that could not be read; that one ends the
+    file (the records before it stand) and is logged as an error when ``log``. Raises `RecordError` for an
+    unusable file: one that cannot be opened, or from which not even its first record can be read (not JSON,
+    not an array or object, broken from the start).
+    """
+    records = iter_json_records(path, bad_lines="yield")
+    with closing(records):
+        n = 0
+        while True:
+            try:
+                item = next(records, None)
+            except RecordError as e:
+                if e.code == "file" or n == 0:
+                    raise
+                position = n if e.index is None else e.index
+                if log:
+                    logger.error("%s: stopped reading at record %d: %s", path, position, e.reason)
+                yield position, e
+                return
+            if item is None:
+                return
+            n += 1
+            yield item
+
+
+@dataclass
+class Scan:
+    """What the first pass keeps of the inputs: the distinct videos and a few bytes per record.
+
+    ``video_of[k]`` is, for the k-th record read (over all files, in order; a record that could not be read
+    counts), the index in ``videos`` (absolute path -> index, in order of first use) of its video, or -1 when
+    the record was rejected on its text. ``counts[i]`` is the number of records read from ``files[i]``.
+    """
+
+    files: list[Path]
+    video_root: Path | None
+    counts: list[int] = field(default_factory=list)
+    video_of: array = field(default_factory=lambda: array("i"))
+    videos: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def records_read(self) -> int:
+        return len(self.video_of)
+
+
+def scan_inputs(files: Sequence[Path], video_root: Path | None) -> Scan:
+    """Pass 1: read every record once, run the text checks, collect the distinct videos (memory: `Scan`).
+    Raises `RecordError` for an unusable file (see `read_records`)."""
+    scan = Scan(list(files), video_root)
+    videos, video_of = scan.videos, scan.video_of
+    for path in scan.files:
+        n = 0
+        for position, obj in read_records(path):
+            entry = prepare(obj, path, position, video_root)
+            video_of.append(
+                videos.setdefault(entry.video, len(videos)) if isinstance(entry, Candidate) else -1
+            )
+            n += 1
+        scan.counts.append(n)
+    return scan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,19 +415,41 @@ def probe_videos(paths: Sequence[str], limits: ProbeLimits, workers: int) -> dic
 # Subset and outputs
 
 
+def draw_subset(n_valid: int, num: int | None, seed: int) -> np.ndarray | None:
+    """Sorted ordinals (int64) of a seeded random subset of ``num`` of ``n_valid`` valid records, or None for
+    all of them (num None or not smaller than n_valid)."""
+    if num is None or num >= n_valid:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_valid, size=num, replace=False))
+
+
 def select_subset(n_valid: int, num: int | None, seed: int) -> list[int]:
     """Sorted positions of a seeded random subset of ``num`` of ``n_valid`` records (all when num is None or
     not smaller than n_valid)."""
-    if num is None or num >= n_valid:
-        return list(range(n_valid))
-    rng = np.random.default_rng(seed)
-    return sorted(int(i) for i in rng.choice(n_valid, size=num, replace=False))
+    chosen = draw_subset(n_valid, num, seed)
+    return list(range(n_valid)) if chosen is None else [int(i) for i in chosen]
+
+
+def subset_picker(n_valid: int, num: int | None, seed: int) -> Callable[[int], bool]:
+    """``keep(ordinal)`` for the valid records: the `draw_subset` choice as one byte per valid record."""
+    chosen = draw_subset(n_valid, num, seed)
+    if chosen is None:
+        return lambda _: True
+    mask = np.zeros(n_valid, dtype=np.uint8)
+    mask[chosen] = 1
+    flags = mask.tobytes()
+    return flags.__getitem__
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_path(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -347,28 +457,41 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class AtomicFile:
+    """A text file written line by line to a temporary file beside ``path``: `commit` renames it over
+    ``path``, `discard` (a no-op after `commit`) removes it."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, _tmp_path(path)
+        self.fh = self.tmp.open("w", encoding="utf-8")
+
+    def commit(self) -> None:
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def json_array_text(records: Sequence[dict[str, Any]]) -> str:
-    """A JSON array with one record per line (valid JSON, diff-friendly), as `swim.data.synth` writes."""
+    """A JSON array with one record per line (valid JSON, diff-friendly), as `swim.data.synth` writes and as
+    `write_results` streams it."""
     if not records:
         return "[]\n"
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
-def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def warn_official_paths(records: Sequence[dict[str, Any]]) -> int:
-    """Warn once if output video paths lack the ``LLaVA-Video-178K`` folder; returns how many do."""
-    n = sum(OFFICIAL_DIR not in r["video"] for r in records)
-    if n:
+def warn_official_paths(n_unofficial: int, n_kept: int) -> None:
+    """Warn once if ``n_unofficial`` of the ``n_kept`` output video paths lack the ``LLaVA-Video-178K`` folder."""
+    if n_unofficial:
         logger.warning(
             "%d of %d output video paths do not contain %r: SWIM's official training code exits on such "
             "LLaVA-Video records, swim's own loader does not need it. For the official code, keep the videos "
             "under a folder named %s (--video-root through it).",
-            n, len(records), OFFICIAL_DIR, OFFICIAL_DIR,
+            n_unofficial, n_kept, OFFICIAL_DIR, OFFICIAL_DIR,
         )  # fmt: skip
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,29 +542,73 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--max-seconds must be > 0")
 
 
-def read_inputs(files: Sequence[Path], video_root: Path | None) -> list[Entry]:
-    """One entry per record read, in input order. Raises `RecordError` for a file that is not JSON."""
-    return [prepare(obj, path, position, video_root) for path in files for position, obj in read_file(path)]
+def count_valid(scan: Scan, verdicts: Sequence[ProbeResult]) -> int:
+    """How many records passed the text checks and use a valid video."""
+    ok = bytes(p.code is None for p in verdicts)
+    return sum(1 for vi in scan.video_of if vi >= 0 and ok[vi])
 
 
-def apply_probes(
-    entries: Sequence[Entry], probes: dict[str, ProbeResult]
-) -> tuple[list[Candidate], list[Rejected]]:
-    """(valid, rejected) after the video verdicts, each in input order."""
-    valid: list[Candidate] = []
-    rejected: list[Rejected] = []
-    for e in entries:
-        if isinstance(e, Rejected):
-            rejected.append(e)
+def _changed(path: Path, position: int) -> RecordError:
+    return RecordError(path, position, "<file>", "the file changed while it was being filtered", "file")
+
+
+def iter_results(scan: Scan, verdicts: Sequence[ProbeResult], keep: Callable[[int], bool]) -> Iterator[Entry]:
+    """Pass 2: read the inputs again and yield, in input order, a `Rejected` per dropped record and a
+    `Candidate` per kept one (``keep(i)`` for the i-th valid record; the others are not built). Raises
+    `RecordError` if a file no longer reads as it did in pass 1."""
+    names = list(scan.videos)
+    k = n_valid = 0
+    for path, count in zip(scan.files, scan.counts):
+        src, n = str(path), 0
+        with closing(read_records(path, log=False)) as records:
+            for _, (position, obj) in zip(range(count), records):  # range first: stops without reading on
+                vi = scan.video_of[k]
+                k, n = k + 1, n + 1
+                if vi < 0:  # rejected on its text: derived again (deterministic)
+                    entry = prepare(obj, path, position, scan.video_root)
+                    if not isinstance(entry, Rejected):
+                        raise _changed(path, position)
+                    yield entry
+                    continue
+                video = obj.get("video") if isinstance(obj, dict) else None
+                if not isinstance(video, str) or absolute_video(video, path, scan.video_root) != names[vi]:
+                    raise _changed(path, position)
+                verdict = verdicts[vi]
+                if verdict.code is not None:
+                    yield Rejected(src, position, obj.get("id"), names[vi], verdict.code, verdict.detail)
+                    continue
+                if keep(n_valid):
+                    record, filled = normalise(obj, video, path, scan.video_root)
+                    yield Candidate(src, position, record, filled)
+                n_valid += 1
+        if n != count:
+            raise _changed(path, n)
+
+
+@dataclass
+class Written:
+    """Counts of what `write_results` wrote (``unofficial``: kept paths without ``LLaVA-Video-178K``)."""
+
+    kept: int = 0
+    data_source_filled: int = 0
+    unofficial: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+
+
+def write_results(results: Iterable[Entry], kept_fh, rejected_fh) -> Written:
+    """Stream kept records into a JSON array (the bytes of `json_array_text`) and rejected lines as JSONL."""
+    done = Written()
+    for item in results:
+        if isinstance(item, Rejected):
+            done.by_reason[item.code] += 1
+            rejected_fh.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
             continue
-        verdict = probes[e.video]
-        if verdict.code is None:
-            valid.append(e)
-        else:
-            rejected.append(
-                Rejected(e.source, e.position, e.record.get("id"), e.video, verdict.code, verdict.detail)
-            )
-    return valid, rejected
+        kept_fh.write(("[\n" if done.kept == 0 else ",\n") + json.dumps(item.record, ensure_ascii=False))
+        done.kept += 1
+        done.data_source_filled += item.filled
+        done.unofficial += OFFICIAL_DIR not in item.video
+    kept_fh.write("\n]\n" if done.kept else "[]\n")
+    return done
 
 
 def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
@@ -461,50 +628,59 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         files = expand_inputs(args.inputs, exclude=(args.out, rejected_path, stats_path))
-        entries = read_inputs(files, args.video_root)
+        scan = scan_inputs(files, args.video_root)
     except (FileNotFoundError, RecordError) as e:
         logger.error("unusable input: %s", e)
         sys.exit(2)
-    n_read = len(entries)
-    videos = list(dict.fromkeys(e.video for e in entries if isinstance(e, Candidate)))
+    n_read = scan.records_read
+    videos = list(scan.videos)
     logger.info(
         "read %d records from %d file(s); %d distinct videos to probe", n_read, len(files), len(videos)
     )
 
     probes = probe_videos(videos, limits, args.workers)
-    valid, rejected = apply_probes(entries, probes)
-    chosen = [valid[i] for i in select_subset(len(valid), args.num, args.seed)]
-    kept = [c.record for c in chosen]
-    if args.num is not None and args.num > len(valid):
-        logger.warning("--num %d but only %d valid records: keeping all of them", args.num, len(valid))
-    n_unofficial = warn_official_paths(kept)
+    verdicts = [probes[v] for v in videos]
+    n_valid = count_valid(scan, verdicts)
+    keep = subset_picker(n_valid, args.num, args.seed)
+    if args.num is not None and args.num > n_valid:
+        logger.warning("--num %d but only %d valid records: keeping all of them", args.num, n_valid)
 
-    by_reason = Counter(r.code for r in rejected)
-    stats = {
-        "inputs": [str(f) for f in files],
-        "records_read": n_read,
-        "valid": len(valid),
-        "kept": len(kept),
-        "dropped": len(rejected),
-        "dropped_by_reason": dict(sorted(by_reason.items())),
-        "data_source_filled": sum(c.filled for c in chosen),  # among the kept records
-        "unique_videos": len(videos),
-        "videos_by_verdict": dict(sorted(Counter(p.code or "valid" for p in probes.values()).items())),
-        "paths_without_llava_video_178k": n_unofficial,
-        "seconds": round(time.perf_counter() - start, 3),
-        "args": _jsonable(args),
-    }
-    write_atomic(rejected_path, jsonl_text(asdict(r) for r in rejected))
-    write_atomic(args.out, json_array_text(kept))
-    write_atomic(stats_path, json.dumps(stats, indent=1) + "\n")
+    rejected_file, kept_file = AtomicFile(rejected_path), AtomicFile(args.out)
+    try:
+        done = write_results(iter_results(scan, verdicts, keep), kept_file.fh, rejected_file.fh)
+        n_dropped = sum(done.by_reason.values())
+        warn_official_paths(done.unofficial, done.kept)
+        stats = {
+            "inputs": [str(f) for f in files],
+            "records_read": n_read,
+            "valid": n_valid,
+            "kept": done.kept,
+            "dropped": n_dropped,
+            "dropped_by_reason": dict(sorted(done.by_reason.items())),
+            "data_source_filled": done.data_source_filled,  # among the kept records
+            "unique_videos": len(videos),
+            "videos_by_verdict": dict(sorted(Counter(p.code or "valid" for p in verdicts).items())),
+            "paths_without_llava_video_178k": done.unofficial,
+            "seconds": round(time.perf_counter() - start, 3),
+            "args": _jsonable(args),
+        }
+        rejected_file.commit()
+        kept_file.commit()
+        write_atomic(stats_path, json.dumps(stats, indent=1) + "\n")
+    except RecordError as e:
+        logger.error("unusable input: %s", e)
+        sys.exit(2)
+    finally:
+        rejected_file.discard()
+        kept_file.discard()
 
-    reasons = ", ".join(f"{k}: {v}" for k, v in by_reason.most_common()) or "none"
+    reasons = ", ".join(f"{k}: {v}" for k, v in done.by_reason.most_common()) or "none"
     logger.info(
         "filter-videos: %d records from %d file(s) -> %d kept (%d valid), %d dropped (%s), %d unique videos, "
         "%.1f s -> %s",
-        n_read, len(files), len(kept), len(valid), len(rejected), reasons, len(videos), stats["seconds"], args.out,
+        n_read, len(files), done.kept, n_valid, n_dropped, reasons, len(videos), stats["seconds"], args.out,
     )  # fmt: skip
-    if args.strict and rejected:
+    if args.strict and n_dropped:
         sys.exit(1)
 
 
