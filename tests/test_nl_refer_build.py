@@ -25,7 +25,8 @@ import pytest
 
 from swim.data.nl_refer.build import ResponseLog
 from swim.data.nl_refer.build import main as build_main
-from swim.data.nl_refer.local_llm import FaultResponder, LocalLLMServer, SceneResponder
+from swim.data.nl_refer.local_llm import FaultResponder, LocalLLMServer, Reply, SceneResponder
+from swim.data.nl_refer.prompt import payload_from_messages
 from swim.data.records import load_records
 from swim.data.synth import main as synth_main
 
@@ -218,14 +219,26 @@ def test_malformed_input_records_are_reported_and_never_sent(raw_data, scenes, q
 
 
 def test_killed_three_times_then_resumed_equals_an_uninterrupted_run(
-    raw_data, scenes, reference, qwen_tokenizer_dir, tmp_path
+    raw_data, scenes, qwen_tokenizer_dir, tmp_path
 ):
     """SIGKILL arrives while a request is in flight (the server kills the client on chosen requests).
 
-    One request at a time: with N in flight, a reply that reached the client in the instant before the kill but
-    was not yet logged is requested again (at most N - 1 per kill; docs/nl_refer_build.md).
+    Two records get a bad first reply (one is accepted after its retry, one rejected), decided by the request's
+    content, not its arrival, so that the killed and the uninterrupted runs see the same replies. One request at a
+    time: with N in flight, a reply that reached the client in the instant before the kill but was not yet logged
+    is requested again (at most N - 1 per kill; docs/nl_refer_build.md).
     """
-    kill_at = np.random.default_rng(0).integers(1, 5, size=3).tolist()  # the n-th request of runs 1, 2, 3
+    ids = ids_of(raw_data, "videorefer-qa.json")
+    retried, rejected_id = ids[3], ids[8]
+
+    def responder(body: dict) -> Reply:
+        reply = scenes(body)
+        rid, retry = payload_from_messages(body["messages"])["id"], len(body["messages"]) > 2
+        if rid == rejected_id or (rid == retried and not retry):
+            reply.content = reply.content[:-10]  # invalid JSON
+        return reply
+
+    kill_at = np.random.default_rng(0).integers(1, 6, size=3).tolist()  # the n-th request of runs 1, 2, 3
     run: dict[str, object] = {"n": 0, "requests": 0}
 
     def on_request(count: int, body: dict) -> None:
@@ -234,11 +247,14 @@ def test_killed_three_times_then_resumed_equals_an_uninterrupted_run(
             run["proc"].send_signal(signal.SIGKILL)
             run["proc"].wait()
 
+    qa = raw_data / "videorefer-qa.json"
+    with LocalLLMServer(responder) as server:
+        assert run_build([qa], tmp_path / "reference", "qa", server.base_url, qwen_tokenizer_dir) == 0
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "swim.cli", "data", "build", str(raw_data / "videorefer-qa.json"), "--out", str(out),
-           "--kind", "qa", "--model", "local", "--tokenizer", str(qwen_tokenizer_dir), "--concurrency", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "swim.cli", "data", "build", str(qa), "--out", str(out), "--kind", "qa",
+           "--model", "local", "--tokenizer", str(qwen_tokenizer_dir), "--concurrency", "1"]  # fmt: skip
     codes = []
-    with LocalLLMServer(scenes, on_request=on_request) as server:
+    with LocalLLMServer(responder, on_request=on_request) as server:
         for _ in range(5):
             run["requests"] = 0
             run["proc"] = subprocess.Popen([*cmd, "--llm", server.base_url], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -248,11 +264,12 @@ def test_killed_three_times_then_resumed_equals_an_uninterrupted_run(
             if codes[-1] == 0:
                 break
     assert codes == [-signal.SIGKILL] * 3 + [0]
-    name = "refined-format-videorefer-qa.json"
-    assert (out / name).read_bytes() == (reference["qa"] / name).read_bytes()
-    assert (out / "rejected.jsonl").read_text() == (reference["qa"] / "rejected.jsonl").read_text() == ""
+    for name in ("refined-format-videorefer-qa.json", "rejected.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    accepted = [r["id"] for r in json.loads((out / "refined-format-videorefer-qa.json").read_text())]
+    assert sorted([*accepted, *rejected(out)]) == sorted(ids) and list(rejected(out)) == [rejected_id]
     assert set(server.served.values()) == {1}  # no request that succeeded was sent again
-    assert sum(server.served.values()) == len(ResponseLog(out / "responses.jsonl")) == 14
+    assert sum(server.served.values()) == len(ResponseLog(out / "responses.jsonl")) == 16  # 14 + 2 retries
 
 
 def test_response_log_cuts_a_partial_last_line(tmp_path):
