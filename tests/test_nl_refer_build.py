@@ -196,6 +196,7 @@ def test_each_fault_is_retried_once_then_rejected_with_its_reason(
     stats = json.loads((det / "stats.json").read_text())
     assert stats["accepted"] == 6 and stats["accepted_after_retry"] == 1, stats
     assert server.statuses[429] == 1 and server.statuses[500] == 2
+    assert stats["requests"]["transport_retries_this_run"] == 5  # 429, 500 twice, reset, hang
 
 
 def test_malformed_input_records_are_reported_and_never_sent(raw_data, scenes, qwen_tokenizer_dir, tmp_path):

@@ -320,6 +320,7 @@ class RunState:
     accepted: int = 0
     rejected: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # record index -> error
+    transport_retries: int = 0  # 429 / 5xx / timeouts / resets retried by the back-end
     stop_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -602,9 +603,10 @@ def write_outputs(args, ctx: BuildContext, state: RunState, *, reparse: bool) ->
         },
         "reasons": {stage: dict(sorted(c.items())) for stage, c in reasons.items()},
         "requests": {
-            "sent_this_run": state.sent,
-            "in_log": len(ctx.log),
+            "answered_this_run": state.sent,
+            "transport_retries_this_run": state.transport_retries,
             "failed_this_run": len(state.failed),
+            "in_log": len(ctx.log),
         },
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
         "cost_usd": {
@@ -845,6 +847,7 @@ def run(args) -> int:
                 send_batch(args, ctx, backend, state)
             else:
                 send_vllm(args, ctx, backend, state)
+            state.transport_retries = getattr(backend, "transport_retries", 0)
         finally:
             signal.signal(signal.SIGINT, previous)
     stats = write_outputs(args, ctx, state, reparse=args.reparse)
