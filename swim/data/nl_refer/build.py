@@ -418,7 +418,7 @@ def send_batch(args, ctx: BuildContext, backend, state: RunState) -> None:
         open_ids = backend.open_batches(ingested)
         if open_ids:
             logger.info("waiting for %d batch(es) submitted earlier: %s", len(open_ids), ", ".join(open_ids))
-            ingest_batches(backend, backend.wait(open_ids), ctx, state)
+            ingest_batches(backend, backend.wait(open_ids, log_batch_status()), ctx, state)
         if round_ == args.max_batch_rounds:
             break
 
@@ -437,11 +437,26 @@ def send_batch(args, ctx: BuildContext, backend, state: RunState) -> None:
         batch_ids = backend.submit(requests())
         if not batch_ids:
             return
-        ingest_batches(backend, backend.wait(batch_ids), ctx, state)
+        ingest_batches(backend, backend.wait(batch_ids, log_batch_status()), ctx, state)
     logger.warning(
         "stopped after %d batch rounds; records still without a reply are reported as not_sent",
         args.max_batch_rounds,
     )
+
+
+def log_batch_status():
+    """A callback for `BatchBackend.wait` that logs each batch's status and request counts when they change."""
+    seen: dict[str, tuple] = {}
+
+    def on_update(batch_id: str, batch: Any) -> None:
+        counts = getattr(batch, "request_counts", None)
+        state = (batch.status, getattr(counts, "completed", None), getattr(counts, "failed", None))
+        if seen.get(batch_id) != state:
+            seen[batch_id] = state
+            total = getattr(counts, "total", None)
+            logger.info("batch %s: %s, %s/%s done, %s failed", batch_id, state[0], state[1], total, state[2])
+
+    return on_update
 
 
 def ingest_batches(backend, batches: list[Any], ctx: BuildContext, state: RunState) -> None:
