@@ -67,7 +67,7 @@ demo-seeds: setup
 demo-klal: setup
 	$(BIN)/swim demo --config recipes/klal_demo.yaml --out runs/demo-klal
 
-# The segmentation head's demo (swim.seg.demo; not part of `make demo` or the suite): Sa2VA baseline vs MBA with the
+# The segmentation head's demo (swim.demos.seg_demo; not part of `make demo` or the suite): Sa2VA baseline vs MBA with the
 # paper's prior, no prior and SWIM's attention map; one seed, then the seed sweep behind the README's table.
 demo-seg: setup
 	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --out runs/demo-seg
@@ -75,10 +75,10 @@ demo-seg: setup
 demo-seg-sweep: setup
 	$(BIN)/swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
 
-# NL-Refer construction offline (swim.data.nl_refer.demo_build): synth raw VideoRefer files -> swim data build
+# NL-Refer construction offline (swim.demos.build_demo): synth raw VideoRefer files -> swim data build
 # against a local rewriting server this command starts and stops -> swim validate -> a short training run.
 demo-build: setup
-	$(BIN)/python -m swim.data.nl_refer.demo_build --out runs/demo-build
+	$(BIN)/python -m swim.demos.build_demo --out runs/demo-build
 
 lmms-setup: $(LMMS_STAMP)
 

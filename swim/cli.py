@@ -15,8 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("swim.tiny", "write a tiny random checkpoint (--family qwen2_5_vl|qwen2_vl|qwen3_vl|...)"),
     "train": ("swim.train", "SFT with the attention-grounding loss (--config RECIPE.yaml)"),
     "merge-lora": ("swim.merge_lora", "merge a LoRA training output into a stock checkpoint (+ seg_head/)"),
-    "demo": ("swim.demo", "synthetic data + tiny model: baseline vs SWIM grounding report"),
-    "data synth": ("swim.data.synth", "write the synthetic shapes videos, or a KLAL image task (--task ...)"),
+    "demo": ("swim.demos.cli", "synthetic data + tiny model: baseline vs SWIM grounding report"),
+    "data synth": (
+        "swim.data.synth.cli",
+        "write the synthetic shapes videos, or a KLAL image task (--task ...)",
+    ),
     "data rvos": ("swim.data.rvos", "MeViS / Ref-YouTube-VOS / Ref-DAVIS17 split -> NL-Refer-style records"),
     "data build": (
         "swim.data.nl_refer.build",
@@ -39,7 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval rvos": ("swim.eval.rvos", "referring video segmentation: J, F, J&F (segmentation head)"),
     "eval refcoco": ("swim.eval.refcoco", "referring image segmentation: cIoU, gIoU (segmentation head)"),
     "seg tiny-sam2": ("swim.seg.sam2", "write a tiny random SAM-2 checkpoint (tests, CPU demo)"),
-    "seg demo": ("swim.seg.demo", "segmentation head: Sa2VA baseline vs MBA with three priors, J&F report"),
+    "seg demo": (
+        "swim.demos.seg_demo",
+        "segmentation head: Sa2VA baseline vs MBA with three priors, J&F report",
+    ),
     "vis": ("swim.vis.attention", "attention overlays (PNG grid, GIF)"),
     "bench overhead": ("swim.bench.overhead", "attention-capture overhead benchmark"),
 }

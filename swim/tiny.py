@@ -32,25 +32,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from swim.data.control_tokens import QWEN_SPECIAL_TOKENS
+
 logger = logging.getLogger(__name__)
 
-# Qwen2.5's special tokens, in Qwen's order (the real ids start at 151643; here they start at 0).
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2/Qwen2.5 models).
 QWEN_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

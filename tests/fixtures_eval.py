@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.eval.judge import DIMENSIONS
 
 # Clips stay 56x56, 4 frames (2 temporal groups x 4 merged tokens): fast on CPU.

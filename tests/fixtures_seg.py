@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from swim.data.masks import encode_mask
-from swim.data.synth import SynthConfig, sample_scene
+from swim.data.synth.shapes import SynthConfig, sample_scene
 
 CFG = SynthConfig(
     size=64,

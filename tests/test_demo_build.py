@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from swim.data.nl_refer.demo_build import main
+from swim.demos.build_demo import main
 
 
 def test_demo_build_writes_stats_and_examples(tmp_path, qwen_tokenizer_dir):

@@ -10,9 +10,9 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from swim.data.dataset import SwimDataset
 from swim.data.records import load_records
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.data.video import VideoSettings
-from swim.demo import main as demo_main
+from swim.demos.cli import main as demo_main
 from swim.vis.attention import draw_grid, record_maps, save_gif
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ import torch
 from checkpoint_checks import HUB_NAME, assert_stock_checkpoint, hub_environment
 from safetensors.torch import load_file
 
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.modeling.model import stock_model_class
 from swim.train import main as train_main
 

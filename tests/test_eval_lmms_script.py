@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.data.video import probe_video
 from swim.eval.bench_q import build_items, load_bench
 

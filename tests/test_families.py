@@ -14,7 +14,7 @@ from transformers.video_utils import VideoMetadata
 
 from swim.data.dataset import SwimDataset
 from swim.data.records import Turn, load_records
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.data.tags import build_text
 from swim.data.video import load_video, read_frames, resize_frames
 from swim.modeling.families import FAMILIES, family_of, group_timestamps, supported_model_types

@@ -55,7 +55,7 @@ def test_pair_metrics_and_accumulator_skip_undefined_pairs():
 def test_swim_eval_grounding_writes_metrics(tiny_ckpt, tmp_path):
     import json
 
-    from swim.data.synth import SynthConfig, generate
+    from swim.data.synth.shapes import SynthConfig, generate
     from swim.eval.grounding import main
 
     paths = generate(tmp_path / "data", SynthConfig(), seed=3, counts={"val": 3})

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from swim.data.klal_synth import TASKS, KlalSynthConfig, cell_name, generate_task, segment_crossings
 from swim.data.masks import object_group_targets
 from swim.data.records import load_records
-from swim.data.synth import main as synth_main
-from swim.demo_klal import moved_targets
+from swim.data.synth.cli import main as synth_main
+from swim.data.synth.klal import TASKS, KlalSynthConfig, cell_name, generate_task, segment_crossings
+from swim.demos.klal_demo import moved_targets
 from swim.eval.answers import chance_levels, score_answers
 from swim.modeling.capture import find_decoder_layers
 
@@ -231,7 +231,7 @@ def test_three_level_target_of_a_synthetic_record_by_hand(tasks):
 
 
 def test_klal_demo_quick_writes_the_report(tmp_path, monkeypatch):
-    from swim.demo import main as demo_main
+    from swim.demos.cli import main as demo_main
 
     monkeypatch.chdir(ROOT)
     result = demo_main(["--config", "recipes/klal_demo.yaml", "--quick", "--out", str(tmp_path)])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from swim.data.geometry import pool_mask
 from swim.data.masks import (
     MaskDecodeError,
     annotated_frames,
     decode_segmentation,
     encode_mask,
     object_group_targets,
-    pool_mask,
 )
 
 

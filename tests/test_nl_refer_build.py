@@ -28,7 +28,7 @@ from swim.data.nl_refer.build import main as build_main
 from swim.data.nl_refer.local_llm import FaultResponder, LocalLLMServer, Reply, SceneResponder
 from swim.data.nl_refer.prompt import payload_from_messages
 from swim.data.records import load_records
-from swim.data.synth import main as synth_main
+from swim.data.synth.cli import main as synth_main
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH_FLAGS = [

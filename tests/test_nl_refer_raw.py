@@ -464,7 +464,7 @@ def test_index_is_stable_and_qa_only_for_qa():
 
 
 def test_synth_videorefer_reads_back_without_problems(tmp_path):
-    from swim.data.synth import main
+    from swim.data.synth.cli import main
 
     args = ["--format", "videorefer", "--seed", "1", "--num-train", "2", "--num-val", "4", "--num-bench-q", "5",
             "--num-bench-d", "1", "--size", "32", "--frames", "4", "--object-size", "10", "--speed", "2",

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swim.demo import DemoConfig
-from swim.seg.demo import SegDemoConfig
+from swim.demos.seg_demo import SegDemoConfig
+from swim.demos.swim_demo import DemoConfig
 from swim.train import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_segmentation_recipe_has_sa2va_and_seed_settings():
 
 
 def test_klal_recipes_have_klal_settings(tmp_path, monkeypatch):
-    from swim.demo_klal import KlalDemoConfig
+    from swim.demos.klal_demo import KlalDemoConfig
 
     demo = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml")
     assert Path(demo.recipe).name == "klal_cpu.yaml" and len(demo.seeds) >= 3 and demo.task == "grid_patch"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from swim.seg.demo import BASELINE, REFERENCES, SegDemoConfig, main
+from swim.demos.seg_demo import BASELINE, REFERENCES, SegDemoConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "seg_demo.yaml"

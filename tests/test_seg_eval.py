@@ -13,7 +13,7 @@ from swim.data.records import load_records
 from swim.data.refcoco import load_refcoco, validate_refcoco
 from swim.data.rvos import expression_record, load_layout, validate_layout
 from swim.data.rvos import main as rvos_main
-from swim.data.synth import generate
+from swim.data.synth.shapes import generate
 from swim.eval.segmentation import region_similarity
 from swim.seg.sam2 import build_tiny_sam2
 from tests.fixtures_seg import CFG, mevis_split, refcoco_root, seg_checkpoint, ytvos_root

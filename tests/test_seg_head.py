@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from swim.data.records import load_records
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.modeling.families import family_of
 from swim.seg.data import SegDataConfig, SegDataset, collate_seg, with_seg_template
 from swim.seg.head import SegHead, SegHeadConfig

@@ -15,7 +15,7 @@ from checkpoint_checks import assert_stock_checkpoint
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.seg.head import SegHead
 from swim.seg.sam2 import build_tiny_sam2
 from swim.train import main as train_main

@@ -1,4 +1,4 @@
-"""swim.data.synth: exact occlusion-aware masks, distractors, record formats, determinism, CLI."""
+"""swim.data.synth (shapes, cli): exact occlusion-aware masks, distractors, record formats, determinism, CLI."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from swim.data.masks import decode_segmentation, object_group_targets
-from swim.data.synth import (
+from swim.data.synth.cli import main
+from swim.data.synth.shapes import (
     BENCH_Q_TYPES,
     PALETTE,
     SceneObject,
     SynthConfig,
     generate,
-    main,
     object_attributes,
     render,
     sample_scene,

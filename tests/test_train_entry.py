@@ -12,7 +12,7 @@ import yaml
 from checkpoint_checks import HUB_NAME, assert_stock_checkpoint, hub_environment
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from swim.data.synth import SynthConfig, generate
+from swim.data.synth.shapes import SynthConfig, generate
 from swim.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,23 @@ from __future__ import annotations
 
 import re
 
-from swim.tiny import QWEN_SPECIAL_TOKENS
+# Qwen2.5's special tokens, in Qwen's order (the real ids start at 151643; `swim.tiny` numbers them from 0).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # All 22 added tokens of Qwen2.5 / Qwen2.5-VL, in id order (151643 + i): the 14 special tokens, then the
 # tool-call and fill-in-the-middle tokens (not "special", but matched in text all the same).

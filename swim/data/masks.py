@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from swim.data.geometry import entry_kind, geometry_cover
+from swim.data.geometry import entry_kind, geometry_cover, pool_mask
 
 logger = logging.getLogger(__name__)
 
@@ -119,39 +119,6 @@ def encode_mask(mask: np.ndarray) -> dict:
     """uint8 [H, W] -> compressed COCO RLE with `counts` as str (JSON-ready)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def _overlap_weights(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in]: fraction of output cell k (covering n_in/n_out input pixels) that input pixel y fills.
-    Rows sum to 1; this is area ("box") resampling along one axis."""
-    scale = n_in / n_out
-    edges = np.arange(n_out + 1) * scale
-    pix = np.arange(n_in)
-    lo = np.maximum(pix[None, :], edges[:-1, None])
-    hi = np.minimum(pix[None, :] + 1, edges[1:, None])
-    return np.clip(hi - lo, 0.0, None) / scale
-
-
-def pool_mask(mask: np.ndarray, resized_hw: tuple[int, int], merge_factor: int = 28) -> np.ndarray:
-    """uint8/bool [H0, W0] -> float32 [h/f, w/f]: area fraction of each merged-token cell covered by the mask.
-
-    Equal to area-resizing the mask to the model frame size (h, w) and averaging each f x f cell, computed
-    directly on the original mask with separable box weights, so it is exact (no interpolation error) and
-    cheap even for 1080p masks.
-    """
-    h, w = resized_hw
-    if h % merge_factor or w % merge_factor:
-        raise ValueError(f"resized size {resized_hw} is not a multiple of {merge_factor}")
-    mask = np.asarray(mask)
-    wy = _overlap_weights(mask.shape[0], h // merge_factor)
-    wx = _overlap_weights(mask.shape[1], w // merge_factor)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
-        return np.zeros((h // merge_factor, w // merge_factor), np.float32)
-    # only the object's bounding box contributes: small products, no multi-threaded BLAS contention
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    box = np.asarray(mask[y0:y1, x0:x1], dtype=np.float64)
-    return (wy[:, y0:y1] @ box @ wx[:, x0:x1].T).astype(np.float32)
 
 
 def annotated_frames(annotation: Mapping[str, Any]) -> list[int]:

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT
 from swim.modeling.capture import (
-    ALL_LAYERS,
     AttentionProbe,
+    parse_layers,
     supervised_layers,
     vision_token_ids,
     vision_token_positions,
@@ -184,13 +184,6 @@ def evaluate_grounding(
     finally:
         probe.remove()
     return acc.summary()
-
-
-def parse_layers(values: list[str] | None) -> list[int] | str | None:
-    """`--layers 1 3` or `--layers all` (None: the default rule)."""
-    if values is None:
-        return None
-    return ALL_LAYERS if values == [ALL_LAYERS] else [int(v) for v in values]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -42,7 +42,7 @@ from swim.eval.generate import (
     load_model,
     video_settings_from_args,
 )
-from swim.eval.grounding import parse_layers
+from swim.modeling.capture import parse_layers
 from swim.modeling.losses import HEAD_FUSIONS
 
 logger = logging.getLogger(__name__)

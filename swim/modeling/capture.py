@@ -99,6 +99,13 @@ def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(layers.items()))
 
 
+def parse_layers(values: list[str] | None) -> list[int] | str | None:
+    """`--layers 1 3` or `--layers all` (None: the default rule)."""
+    if values is None:
+        return None
+    return ALL_LAYERS if values == [ALL_LAYERS] else [int(v) for v in values]
+
+
 def supervised_layers(model: nn.Module, layers: Sequence[int] | str | None = None) -> list[int]:
     """The layer indices to supervise: `layers` checked against the model, `"all"`, or the default rule.
 

@@ -35,7 +35,8 @@ import torch
 
 from swim.data.collator import SwimCollator
 from swim.data.dataset import SwimDataset
-from swim.data.masks import MaskDecodeError, decode_segmentation, pool_mask
+from swim.data.geometry import pool_mask
+from swim.data.masks import MaskDecodeError, decode_segmentation
 from swim.data.records import NLReferRecord, Record, Turn
 from swim.data.tags import check_turn_tags, distinct_phrases, parse_tags
 from swim.seg.sam2 import sam2_frames

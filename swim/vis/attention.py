@@ -251,8 +251,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
     from swim.data.tags import QUERY_MODES, SWIM_SYSTEM_PROMPT
-    from swim.eval.grounding import parse_layers
-    from swim.modeling.capture import supervised_layers
+    from swim.modeling.capture import parse_layers, supervised_layers
     from swim.modeling.families import family_of
     from swim.modeling.losses import HEAD_FUSIONS
     from swim.modeling.model import stock_model_class

@@ -1,7 +1,7 @@
 """Synthetic shapes videos written in the *raw* VideoRefer formats (``swim data synth OUT_DIR --format videorefer``).
 
 The input side of NL-Refer construction (``swim data build``), for tests and demos without the real data:
-the same scenes as `swim.data.synth` (coloured shapes moving on black, exact masks), but with the
+the same scenes as `swim.data.synth.shapes` (coloured shapes moving on black, exact masks), but with the
 ``<region>`` / ``<objectN><region>`` visual-prompt placeholders of the released files instead of
 ``<ins>``-tagged natural language. Writes into OUT_DIR:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swim.data.synth import (
+from swim.data.synth.shapes import (
     BENCH_Q_TYPES,
     MOVES,
     SceneObject,

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 import yaml
 
-logger = logging.getLogger("swim.demo_klal")
+from swim.demos.common import mean_std
+
+logger = logging.getLogger(__name__)
 
 # arm -> extra training arguments; "control" trains on the moved targets
 ARMS = {"ntp": ["--attn_weight", "0"], "klal": [], "control": []}
@@ -54,7 +56,7 @@ class KlalDemoConfig:
     num_train: int = 2000
     num_val: int = 300
     model: dict = field(default_factory=dict)  # swim.tiny.tiny_config_dict overrides
-    synth: dict = field(default_factory=dict)  # swim.data.klal_synth.KlalSynthConfig fields
+    synth: dict = field(default_factory=dict)  # swim.data.synth.klal.KlalSynthConfig fields
     max_steps: int | None = None  # override of the recipe's
     parallel: int = 2  # training runs at once (one thread each)
     control_min_shift: int = 2  # the control's targets move by at least this many cells (Chebyshev)
@@ -187,7 +189,7 @@ def evaluate_arm(
     from swim.data.collator import SwimCollator
     from swim.data.dataset import SwimDataset
     from swim.data.records import load_records
-    from swim.demo import held_out_text_loss
+    from swim.demos.common import held_out_text_loss
     from swim.eval.answers import generate_answers, score_answers
     from swim.eval.generate import GenerationSettings, load_model
     from swim.eval.grounding import evaluate_grounding
@@ -229,21 +231,16 @@ def evaluate_arm(
 # Report
 
 
-def _mean_std(values) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else 0.0)
-
-
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
     seeds = sorted(per_seed)
     metrics = ("accuracy", "attn_ratio", "pointing_game", "text_loss")
-    summary = {arm: {m: dict(zip(("mean", "std"), _mean_std([per_seed[s][arm][m] for s in seeds])))
+    summary = {arm: {m: dict(zip(("mean", "std"), mean_std([per_seed[s][arm][m] for s in seeds])))
                      for m in metrics} for arm in ARMS}  # fmt: skip
     gaps = {}
     for arm in ("klal", "control"):
         for m in ("accuracy", "attn_ratio", "pointing_game"):
             values = [per_seed[s][arm][m] - per_seed[s]["ntp"][m] for s in seeds]
-            gaps[f"{arm} - ntp: {m}"] = {"per_seed": values, **dict(zip(("mean", "std"), _mean_std(values)))}
+            gaps[f"{arm} - ntp: {m}"] = {"per_seed": values, **dict(zip(("mean", "std"), mean_std(values)))}
     acc_gaps = gaps["klal - ntp: accuracy"]["per_seed"]
     chance = {name: float(np.mean([per_seed[s]["ntp"]["chance"][name] for s in seeds]))
               for name in per_seed[seeds[0]]["ntp"]["chance"]}  # fmt: skip
@@ -422,8 +419,8 @@ The supervised row's attention on held-out images (seed {seeds[0]}; white: the t
 
 
 def run_klal_demo(cfg: KlalDemoConfig, out: Path) -> dict:
-    from swim.data.klal_synth import KlalSynthConfig, generate_task
-    from swim.demo import loss_curves, recipe_data_args
+    from swim.data.synth.klal import KlalSynthConfig, generate_task
+    from swim.demos.common import loss_curves, recipe_data_args
     from swim.modeling.capture import supervised_layers
     from swim.tiny import build_tiny_checkpoint
 
@@ -477,3 +474,14 @@ def run_klal_demo(cfg: KlalDemoConfig, out: Path) -> dict:
     write_report(out, cfg, per_seed, result, overlays, meta)
     logger.info("wrote %s and %s (%.1f min)", out / "report.md", out / "report.json", meta["seconds"] / 60)
     return {**result, "per_seed": per_seed}
+
+
+def run_from_args(args) -> dict:
+    """`swim demo --config recipes/klal_demo.yaml` (a config with `kind: klal`; swim.demos.cli)."""
+    cfg = KlalDemoConfig.from_yaml(args.config, quick=args.quick)
+    for key in ("max_steps", "num_train", "num_val", "seeds"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.num_shifted_val is not None:
+        raise SystemExit("--num-shifted-val: the KLAL demo has no shifted split")
+    return run_klal_demo(cfg, Path(args.out))

@@ -39,14 +39,12 @@ DEMO_FAULTS = {
     "bench_q": {1: ["mask_language"]},
     "bench_d": {},
 }
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO / ".cache" / "qwen25vl-tokenizer"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m swim.data.nl_refer.demo_build", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m swim.demos.build_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo-build"))
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     p.add_argument("--num", type=int, default=12, help="records per raw file")
@@ -56,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def synthesize(out: Path, num: int, seed: int) -> Path:
-    from swim.data.synth import main as synth_main
+    from swim.data.synth.cli import main as synth_main
 
     data = out / "raw"
     synth_main([str(data), "--format", "videorefer", "--seed", str(seed), "--num-train", str(num), "--num-val", str(num),
@@ -140,7 +138,7 @@ def examples_page(stats: dict[str, dict], per_kind: int = 2) -> str:
     lines = [
         "# NL-Refer build demo: before and after",
         "",
-        "Written by `make demo-build` (swim.data.nl_refer.demo_build).",
+        "Written by `make demo-build` (swim.demos.build_demo).",
         "",
     ]
     for kind, s in stats.items():

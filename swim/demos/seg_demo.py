@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-logger = logging.getLogger("swim.seg.demo")
+from swim.demos.common import mean_std
+
+logger = logging.getLogger(__name__)
 
 MARGIN, SPREAD_FACTOR = 0.03, 2.0
 BASELINE, CONTROL = "seg", "mba_none"
@@ -269,8 +271,8 @@ def overlays(run_dirs: dict[str, Path], val_json: Path, data_args, out: Path, co
 
 
 def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
-    from swim.data.synth import SynthConfig, generate
-    from swim.demo import evaluate_run, recipe_data_args
+    from swim.data.synth.shapes import SynthConfig, generate
+    from swim.demos.common import evaluate_run, recipe_data_args
     from swim.seg.sam2 import build_tiny_sam2, mask_size
     from swim.tiny import build_tiny_checkpoint
 
@@ -356,27 +358,22 @@ Held-out overlays (ground truth, then each run):
 # Seeds
 
 
-def _mean_std(values) -> tuple[float, float]:
-    values = np.asarray(values, float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def criterion(reports: list[dict], run: str) -> dict:
     """Does `run` beat the baseline: mean gain ≥ MARGIN and ≥ SPREAD_FACTOR × the larger seed std of the two?"""
     base = [r["runs"][BASELINE]["JF"] for r in reports]
     other = [r["runs"][run]["JF"] for r in reports]
     gain = float(np.mean(other) - np.mean(base))
-    spread = max(_mean_std(base)[1], _mean_std(other)[1])
-    paired = _mean_std([o - b for o, b in zip(other, base)])
+    spread = max(mean_std(base)[1], mean_std(other)[1])
+    paired = mean_std([o - b for o, b in zip(other, base)])
     met = len(reports) >= 3 and gain >= MARGIN and gain >= SPREAD_FACTOR * spread
     return {"gain": gain, "spread": spread, "paired_gap_std": paired[1], "met": met}
 
 
 def seeds_report(reports: list[dict], out: Path) -> dict:
     runs = list(reports[0]["runs"])
-    summary = {name: {key: _mean_std([r["runs"][name][key] for r in reports])
+    summary = {name: {key: mean_std([r["runs"][name][key] for r in reports])
                       for key in ("J", "F", "JF", "distractor_share", "pointing_game")} for name in runs}  # fmt: skip
-    references = {name: _mean_std([r["references"][name]["JF"] for r in reports]) for name in REFERENCES}
+    references = {name: mean_std([r["references"][name]["JF"] for r in reports]) for name in REFERENCES}
     verdicts = {name: criterion(reports, name) for name in runs if name != BASELINE}
     control_met = verdicts.get(CONTROL, {}).get("met", False)
     lines = ["| run | " + " | ".join(f"seed {r['seed']}" for r in reports) + " | J&F mean ± std | J | F | "

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from swim.data.geometry import polyline_mask
-from swim.data.synth import PALETTE, shape_mask
+from swim.data.synth.shapes import PALETTE, shape_mask
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     make demo         # = swim demo --config recipes/demo.yaml --out runs/demo
     make demo-seeds   # = swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
-    make demo-klal    # = swim demo --config recipes/klal_demo.yaml --out runs/demo-klal   (swim.demo_klal)
+    make demo-klal    # = swim demo --config recipes/klal_demo.yaml --out runs/demo-klal   (swim.demos.klal_demo)
 
 Generates the synthetic shapes set, builds a tiny random Qwen2.5-VL, trains it twice with the same recipe,
 seed and steps — NTP only (`attn_weight: 0`) and SWIM — evaluates attention grounding on two held-out splits
@@ -16,7 +16,6 @@ and writes a report with per-seed rows, mean ± standard deviation and the paire
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,11 +25,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
-logger = logging.getLogger("swim.demo")
+from swim.demos.common import evaluate_run, loss_curves, mean_std, recipe_data_args
+
+logger = logging.getLogger(__name__)
 
 RUNS = {"baseline": 0.0, "swim": None}  # attn_weight per run (None: the recipe's)
 SPLITS = {"val": "held-out, drawn like the training data", "val_shifted": "held-out, shifted"}
@@ -45,7 +45,7 @@ class DemoConfig:
     num_train: int = 400
     num_val: int = 100
     model: dict = field(default_factory=dict)  # swim.tiny.tiny_config_dict overrides
-    synth: dict = field(default_factory=dict)  # swim.data.synth.SynthConfig fields
+    synth: dict = field(default_factory=dict)  # swim.data.synth.shapes.SynthConfig fields
     shifted: dict = field(default_factory=dict)  # SynthConfig overrides of the shifted held-out split
     num_shifted_val: int = 0  # videos of the shifted held-out split (0: none)
     max_steps: int | None = None  # override of the recipe's (for quick runs)
@@ -99,68 +99,6 @@ def _wait(name: str, proc: subprocess.Popen, log, run_dir: Path) -> None:
         raise RuntimeError(f"training run {name!r} failed (exit {code}); end of its log:\n{tail}")
 
 
-def recipe_data_args(recipe: str):
-    from swim.train import DataArguments
-
-    data = yaml.safe_load(Path(recipe).read_text())
-    names = {f.name for f in fields(DataArguments)}
-    return DataArguments(**{k: v for k, v in data.items() if k in names}), data
-
-
-@torch.no_grad()
-def evaluate_run(run_dir: Path, val_json: Path, cfg_recipe: dict, data_args) -> tuple[dict, tuple]:
-    """Grounding metrics and held-out text loss of one trained run; returns (metrics, (model, dataset)).
-    The held-out samples are built exactly as the training ones (same video settings and system prompt)."""
-    from transformers import AutoTokenizer
-
-    from swim.data.collator import SwimCollator
-    from swim.data.dataset import SwimDataset
-    from swim.data.records import load_records
-    from swim.eval.grounding import evaluate_grounding
-    from swim.modeling.families import family_of
-    from swim.modeling.model import stock_model_class
-
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = stock_model_class(run_dir).from_pretrained(run_dir).eval()
-    family = family_of(model)
-    records, _ = load_records(val_json)
-    dataset = SwimDataset(records, data_args.video_settings(family), tokenizer, supervise_qa=True, strict=True,
-                          system_prompt=data_args.system_prompt, pair_mode=data_args.pair_mode,
-                          family=family)  # fmt: skip
-    collate = SwimCollator(tokenizer.pad_token_id)
-    samples = [dataset[i] for i in range(len(dataset))]
-    batches = [collate(samples[i : i + 16]) for i in range(0, len(samples), 16)]
-
-    text_loss = held_out_text_loss(model, batches)
-    layers = cfg_recipe.get("attn_layers")
-    summary = evaluate_grounding(model, batches, layers, query_offset=cfg_recipe.get("attn_query_offset", 0))
-    fused = summary["fused"]
-    return {
-        "pointing_game": fused["pointing_game"],
-        "pointing_game_at_k": fused["pointing_game_at_k"],
-        "mask_mass": fused["mask_mass"],
-        "auc": fused["auc"],
-        "nss": fused["nss"],
-        "text_loss": text_loss,
-        "pairs": fused["pairs"],
-        "per_layer": {k: v for k, v in summary.items() if k != "fused"},
-        "chance_pointing_game": fused["chance_pointing_game"],
-        "chance_mask_mass": fused["chance_mask_mass"],
-    }, (model, dataset)
-
-
-def held_out_text_loss(model, batches: list[dict]) -> float:
-    """Mean next-token loss per supervised (label) token over collated batches (no gradient is needed)."""
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "grounding"}
-            n = int((inputs["labels"][:, 1:] != -100).sum())
-            total += float(model(**inputs).loss) * n
-            tokens += n
-    return total / max(tokens, 1)
-
-
 def colour_only_chance(val_json: Path, data_args, family, min_cover: float = 0.05) -> float | None:
     """Pointing game of a model that finds the named colour but not the shape: a random token among the cells
     covered by any object of the target's colour (needs the synthetic `scene` metadata)."""
@@ -193,30 +131,6 @@ def colour_only_chance(val_json: Path, data_args, family, min_cover: float = 0.0
                 hits += float((goal[g] >= min_cover)[candidates].mean())
                 total += 1
     return hits / total if total else None
-
-
-def loss_curves(run_dirs: dict[str, Path], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, run_dir in run_dirs.items():
-        state = json.loads((run_dir / "trainer_state.json").read_text())
-        logs = [e for e in state["log_history"] if "loss_text" in e]
-        steps = [e["step"] for e in logs]
-        axes[0].plot(steps, [e["loss_text"] for e in logs], label=name)
-        axes[1].plot(steps, [e.get("loss_attn", float("nan")) for e in logs], label=name)
-    axes[0].set_title("next-token loss (train)")
-    axes[1].set_title("attention KL loss (train; measured, λ=0 for baseline)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 METRIC_ROWS = [
@@ -253,7 +167,7 @@ def write_report(out: Path, report: dict, images: list[Path]) -> None:
     sections = "\n".join(_split_section(report, split) for split in report["splits"])
     shift = report["demo_config"]["shifted"]
     shift_line = (
-        f"The shifted split changes `{json.dumps(shift)}` of the synthetic generator (swim/data/synth.py).\n"
+        f"The shifted split changes `{json.dumps(shift)}` of the synthetic generator (swim/data/synth/shapes.py).\n"
         if shift
         else ""
     )
@@ -318,7 +232,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
 
     # ---- data and model
-    from swim.data.synth import SynthConfig, generate
+    from swim.data.synth.shapes import SynthConfig, generate
     from swim.tiny import build_tiny_checkpoint
 
     paths = generate(
@@ -393,11 +307,6 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     return report
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def seeds_report(reports: list[dict], out: Path) -> dict:
     """Per-seed rows, mean ± sample standard deviation, paired gaps and chance levels -> report.md / .json."""
     columns = [  # (label, split, value of one seed's report)
@@ -418,7 +327,7 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
     ]  # fmt: skip
     columns = [c for c in columns if all(c[1] in r["splits"] for r in reports)]
     values = {label: [get(r) for r in reports] for label, _, get in columns}
-    summary = {label: dict(zip(("mean", "std"), _mean_std(v))) for label, v in values.items()}
+    summary = {label: dict(zip(("mean", "std"), mean_std(v))) for label, v in values.items()}
     per_seed_ok = [all(r["checks"].values()) for r in reports]
     mean_ok = summary["SWIM"]["mean"] >= TARGET_MEAN
     header = "| seed | " + " | ".join(label for label, *_ in columns) + " | per-seed targets |"
@@ -455,22 +364,8 @@ Per-seed reports: {", ".join(f"[seed {r['seed']}](seed_{r['seed']}/report.md)" f
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="swim demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="recipes/demo.yaml")
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--max-steps", type=int, help="override the recipe (quick runs)")
-    parser.add_argument("--num-train", type=int)
-    parser.add_argument("--num-val", type=int)
-    parser.add_argument("--num-shifted-val", type=int)
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", help="run the demo once per seed (out/seed_N) + a summary"
-    )
-    parser.add_argument("--quick", action="store_true", help="KLAL demo: the config's `quick` sizes (tests)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if (yaml.safe_load(Path(args.config).read_text()) or {}).get("kind") == "klal":
-        return _klal_demo(args)
+def run_from_args(args) -> dict:
+    """`swim demo` (swim.demos.cli) with a SWIM demo config: one run, or one per seed and a summary."""
     cfg = DemoConfig.from_yaml(args.config)
     for key in ("max_steps", "num_train", "num_val", "num_shifted_val"):
         if getattr(args, key) is not None:
@@ -480,16 +375,3 @@ def main(argv: list[str] | None = None) -> dict:
         return run_demo(cfg, out)
     reports = [run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds]
     return seeds_report(reports, out)
-
-
-def _klal_demo(args) -> dict:
-    """`swim demo --config recipes/klal_demo.yaml` (a config with `kind: klal`): `swim.demo_klal`."""
-    from swim.demo_klal import KlalDemoConfig, run_klal_demo
-
-    cfg = KlalDemoConfig.from_yaml(args.config, quick=args.quick)
-    for key in ("max_steps", "num_train", "num_val", "seeds"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    if args.num_shifted_val is not None:
-        raise SystemExit("--num-shifted-val: the KLAL demo has no shifted split")
-    return run_klal_demo(cfg, Path(args.out))
