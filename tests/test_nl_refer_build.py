@@ -377,7 +377,7 @@ def test_budget_dry_run_and_reparse_send_only_what_they_should(
         assert code == 0 and server.received == 14
     stats = json.loads((tmp_path / "stats.json").read_text())  # every reply now fails; retries not sent
     assert stats["accepted"] == 0 and stats["rejected"]["not_sent"] == 14
-    assert stats["reasons"]["first_reply"] == {"expression_too_long": 14}
+    assert stats["reasons"]["first_reply"]["expression_too_long"] == 14
     assert run_build([qa], tmp_path, "qa", None, qwen_tokenizer_dir, "--reparse") == 0
     assert json.loads((tmp_path / "stats.json").read_text())["accepted"] == 14
     assert os.path.getsize(tmp_path / "rejected.jsonl") == 0
@@ -414,3 +414,14 @@ def test_input_checks_are_reused_by_later_passes_and_runs(raw_data, tmp_path, mo
     assert set(checks.values()) == {1} and set(probes.values()) == {1}
     os.utime(path, ns=(0, 0))  # the input changed: checked again
     assert one_pass(raw.CheckMemo(tmp_path / "checks.jsonl")) == first and set(checks.values()) == {2}
+
+
+def test_a_repeated_video_and_question_is_kept_once(raw_data, scenes, qwen_tokenizer_dir, tmp_path):
+    records = json.loads((raw_data / "videorefer-qa.json").read_text())[:3]
+    path = raw_data / "dup-qa.json"
+    path.write_text(json.dumps([*records, records[1]]))
+    with LocalLLMServer(scenes) as server:
+        assert run_build([path], tmp_path, "qa", server.base_url, qwen_tokenizer_dir) == 0
+    bad = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["position"], r["codes"]) for r in bad] == [(3, ["duplicate"])]
+    assert len(json.loads((tmp_path / "refined-format-dup-qa.json").read_text())) == 3

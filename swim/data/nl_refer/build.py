@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -539,6 +540,7 @@ def write_outputs(args, ctx: BuildContext, state: RunState, *, reparse: bool) ->
     reasons: dict[str, Counter[str]] = {"input": Counter(), "reply": Counter(), "first_reply": Counter()}
     prompt_tokens = completion_tokens = 0
     latencies: list[float] = []
+    seen: set[bytes] = set()  # (video, question) digests of the accepted records
     with rejected_tmp.open("w", encoding="utf-8") as rejected:
 
         def reject(item, stage: str, codes: list[str], **extra: Any) -> None:
@@ -593,6 +595,19 @@ def write_outputs(args, ctx: BuildContext, state: RunState, *, reparse: bool) ->
                 reasons["reply"].update(["record"])
                 reject(item, "reply", ["record"], problems=[str(e)])
                 continue
+            key = hashlib.sha1(f"{record['video']}\0{step.rewrite['question'].strip()}".encode()).digest()
+            if (
+                args.kind not in ("bench_d", "bench_q") and key in seen
+            ):  # one (video, question) per training file
+                reasons["reply"].update(["duplicate"])
+                reject(
+                    item,
+                    "reply",
+                    ["duplicate"],
+                    problems=["duplicate: same video and question as an earlier record"],
+                )
+                continue
+            seen.add(key)
             writers[item.source].write(record)
             counts["accepted"] += 1
             counts["accepted_after_retry"] += len(step.request_ids) > 1

@@ -16,7 +16,10 @@ The checks, in order (each a reason code; `REASONS` says what it means):
   (first mentions not in annotation order: the k-th distinct tagged phrase must be object k);
 - content: ``facts_changed`` (the answer's words outside its placeholders changed, or the kept answer of a
   Bench-Q / Bench-D record returned changed), ``question_changed`` (the question's words outside its placeholders
-  and its introduction line changed), ``answer_missing`` (placeholders in the answer, but no answer returned);
+  and its introduction line changed), ``answer_missing`` (placeholders in the answer, but no answer returned),
+  ``text_too_long`` (more words than the source's plus ``max_expression_words`` per placeholder, plus a little);
+- (in `swim.data.nl_refer.build`) ``duplicate``: a training record whose video and rewritten question another
+  accepted record already has;
 - the contract with training: the output record is read back with `swim.data.records.record_from_json` and
   aligned with the family's tokenizer by `swim.data.tags.align_text` (`build_text` without tensors), exactly as the collator does; each tagged
   span must give its own tokens with no token crossing the tag edge, and the same token ids as the span tokenized
@@ -57,6 +60,8 @@ REASONS: dict[str, str] = {
     "facts_changed": "the answer changed beyond its placeholders",
     "question_changed": "the question changed beyond its placeholders",
     "answer_missing": "the answer has placeholders but no rewritten answer was returned",
+    "text_too_long": "the question or answer grew more than its placeholders allow",
+    "duplicate": "another accepted record has the same video and rewritten question (a training file keeps the first)",
     "token_alignment": "a tagged span does not align to its own tokens as the training collator sees them",
     "record": "the rewritten record does not read as a training record",
 }
@@ -285,9 +290,19 @@ def keeps_segments(segments: Sequence[str], new_text: str) -> str | None:
     return None
 
 
-def content_problems(record, question: str, answer: str | None) -> list[tuple[str, str]]:
+def growth_problems(source: str, new: str, max_words: int, slack: int, field: str) -> list[tuple[str, str]]:
+    """``new`` may have the words of ``source`` outside its placeholders, ``max_words`` per placeholder, + slack."""
+    n_placeholders = len(_RAW_PLACEHOLDER_RE.findall(source))
+    budget = len(words(_RAW_PLACEHOLDER_RE.sub(" ", source))) + n_placeholders * max_words + slack
+    n = len(words(strip_tags(new)))
+    return [("text_too_long", f"{field}: {n} words, at most {budget} allowed")] if n > budget else []
+
+
+def content_problems(record, question: str, answer: str | None, max_words: int = 12) -> list[tuple[str, str]]:
     """``record`` is the `RawRecord`; ``question`` / ``answer`` are the reply's (tags included)."""
-    problems = []
+    problems = growth_problems(record.question, question, max_words, 2 * max_words, "question")  # + an intro
+    if answer is not None:
+        problems += growth_problems(record.answer, answer, max_words, 4, "answer")
     missing = keeps_segments(literal_segments(record.question, drop_intro_line=True), strip_tags(question))
     if missing is not None:
         problems.append(("question_changed", f"{missing!r} of the source question is missing"))
@@ -374,7 +389,7 @@ def validate_reply(
     problems += tags
     if any(code == "tag_malformed" for code, _ in tags):
         return Verdict(problems, parsed)
-    problems += content_problems(record, question, answer)
+    problems += content_problems(record, question, answer, config.max_expression_words)
     if problems:
         return Verdict(problems, parsed)
     output = make_output(record, parsed)
