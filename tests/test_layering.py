@@ -94,6 +94,9 @@ def test_no_import_circle():
 
 def test_no_lower_layer_imports_a_higher_one():
     upward = sorted(
-        f"{m} -> {d}" for m, deps in graph().items() for d in deps if layer(d) > layer(m) and not d.startswith(m + ".")
+        f"{m} -> {d}"
+        for m, deps in graph().items()
+        for d in deps
+        if layer(d) > layer(m) and not d.startswith(m + ".")
     )
     assert not upward, upward

@@ -134,7 +134,10 @@ def test_good_reply_passes_and_builds_the_output_record(tokenizer):
         ),
         (edited(o0_head_noun="thing", o0_expression="the small brown thing"), "generic_head_noun"),
         (edited(o0_head_noun="cat"), "head_noun_not_in_expression"),
-        (edited(answer=GOOD["answer"].replace("grass.", "grass, " + "very " * 30 + "slowly.")), "text_too_long"),
+        (
+            edited(answer=GOOD["answer"].replace("grass.", "grass, " + "very " * 30 + "slowly.")),
+            "text_too_long",
+        ),
         (
             edited(question=GOOD["question"].replace("<ins>dog</ins>?", "<ins>dog</ins>?</ins>")),
             "tag_malformed",
