@@ -161,6 +161,7 @@ def test_transport_level_verdicts(tokenizer):
     assert verdict(tokenizer, GOOD, finish_reason="length").codes == ["truncated"]
     assert verdict(tokenizer, GOOD, refusal="I can't help").codes == ["refusal"]
     assert verdict(tokenizer, "```json\n" + json.dumps(GOOD) + "\n```").ok  # a fenced reply is fine
+    assert verdict(tokenizer, "Here is the JSON:\n" + json.dumps(GOOD) + "\nDone.").ok  # and one inside prose
 
 
 def test_kept_answers_must_stay_word_for_word(tokenizer):

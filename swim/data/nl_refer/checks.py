@@ -135,12 +135,25 @@ def words(text: str) -> list[str]:
 
 
 def parse_reply(content: str) -> Any:
-    """The JSON object of a reply (a ```json fence around it is tolerated); raises ValueError."""
+    """The JSON object of a reply; raises ValueError.
+
+    Tolerated, for servers without a JSON mode: a ```json fence around it, or one object inside prose
+    ("Here is the JSON: {...}"): the text from the first ``{`` to the last ``}``, when that alone parses.
+    """
     text = content.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.S)
     if fence:
         text = fence.group(1)
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except ValueError:
+        start, end = text.find("{"), text.rfind("}")
+        if 0 <= start < end:
+            try:
+                return json.loads(text[start : end + 1])
+            except ValueError:
+                pass
+        raise
 
 
 def check_schema(reply: Any, n_objects: int) -> list[tuple[str, str]]:
