@@ -319,7 +319,8 @@ class RunState:
     sent: int = 0
     spent_usd: float = 0.0
     accepted: int = 0
-    rejected: int = 0
+    rejected: int = 0  # after the retry
+    input_problems: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # record index -> error
     transport_retries: int = 0  # 429 / 5xx / timeouts / resets retried by the back-end
     stop_reason: str | None = None
@@ -340,7 +341,12 @@ class RunState:
             )
 
     def postfix(self) -> dict[str, Any]:
-        return {"ok": self.accepted, "rej": self.rejected, "usd": f"{self.spent_usd:.3f}"}
+        return {
+            "ok": self.accepted,
+            "rej": self.rejected,
+            "bad_input": self.input_problems,
+            "usd": f"{self.spent_usd:.3f}",
+        }
 
 
 def log_entry(
@@ -376,6 +382,7 @@ async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state:
                 return
             bar.update(1)
             if is_problem(item):
+                state.input_problems += 1
                 continue
             while True:
                 step = plan_record(item, ctx)
