@@ -425,3 +425,20 @@ def test_a_repeated_video_and_question_is_kept_once(raw_data, scenes, qwen_token
     bad = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert [(r["position"], r["codes"]) for r in bad] == [(3, ["duplicate"])]
     assert len(json.loads((tmp_path / "refined-format-dup-qa.json").read_text())) == 3
+
+
+def test_content_checks_in_worker_processes_give_the_same_stream(raw_data, tmp_path):
+    from swim.data.nl_refer.raw import CheckMemo, iter_raw
+
+    records = json.loads((raw_data / "videorefer-qa.json").read_text())[:6]
+    records[2]["annotation"][0][next(iter(records[2]["annotation"][0]))]["segmentation"]["counts"] = "%%%"
+    records[4]["video"] = "videos/missing.mp4"
+    path = raw_data / "mixed-qa.json"
+    path.write_text(json.dumps(records))
+    one = list(iter_raw([path], "qa"))
+    two = list(iter_raw([path], "qa", workers=2, memo=CheckMemo(tmp_path / "checks.jsonl")))
+    assert one == two and [type(r).__name__ for r in two].count("InputProblem") == 2
+    again = list(
+        iter_raw([path], "qa", workers=2, memo=CheckMemo(tmp_path / "checks.jsonl"))
+    )  # all from the memo
+    assert again == one

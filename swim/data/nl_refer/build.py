@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -298,6 +300,7 @@ def read_records(args) -> Iterator[Any]:
         check_videos=not args.skip_video_check,
         max_objects=args.max_objects,
         memo=args.check_memo,
+        workers=args.check_workers,
     )
 
 
@@ -371,15 +374,40 @@ def _progress(total: int | None, desc: str):
 
 
 async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state: RunState) -> None:
-    """Workers take records one at a time and send what each needs until it is decided."""
+    """Workers take records one at a time and send what each needs until it is decided.
+
+    The records are read and checked in a thread (decoding masks would otherwise stall the replies in flight),
+    at most ``2 * concurrency`` ahead of the workers.
+    """
     from swim.data.nl_refer.llm import RequestFailed
 
     bar = _progress(None, "rewrite")
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=2 * backend.concurrency)
+    done, stopping = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stopping.is_set():
+            future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            try:
+                future.result(timeout=0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+        return False
+
+    def produce() -> None:
+        try:
+            for item in records:
+                if state.stop_reason or not put(item):
+                    return
+        finally:
+            put(done)
 
     async def worker() -> None:
-        for item in records:  # a shared generator: each record goes to one worker
+        while (item := await queue.get()) is not done:
             if state.stop_reason:
-                return
+                continue  # drain: the producer stops at the next record
             bar.update(1)
             if is_problem(item):
                 state.input_problems += 1
@@ -393,7 +421,7 @@ async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state:
                         state.rejected += 1
                     break
                 if state.stop_reason:
-                    return
+                    break
                 try:
                     reply = await backend.complete(step.body)
                 except RequestFailed as e:
@@ -403,10 +431,14 @@ async def send_online(records: Iterator[Any], ctx: BuildContext, backend, state:
                 ctx.log.append(log_entry(step.request_id, item, step.attempt, reply, ctx, backend.name))
                 state.add_reply(reply)
             bar.set_postfix(state.postfix(), refresh=False)
+        await queue.put(done)  # for the next worker
 
+    producer = loop.run_in_executor(None, produce)
     try:
         await asyncio.gather(*(worker() for _ in range(backend.concurrency)))
     finally:
+        stopping.set()
+        await producer
         bar.close()
         await backend.aclose()
 
@@ -774,6 +806,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--max-expression-words", type=int, default=12)
+    p.add_argument(
+        "--check-workers", type=int, default=1,
+        help="processes for the input checks (mask decoding, video probes); more than 1 pays off on real, "
+        "high-resolution masks",
+    )  # fmt: skip
     p.add_argument(
         "--skip-video-check", action="store_true", help="do not open the videos (frame range, readability)"
     )

@@ -56,9 +56,12 @@ import copy
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -592,6 +595,7 @@ def iter_raw(
     max_objects: int = DEFAULT_MAX_OBJECTS,
     probe: Callable[[str], VideoInfo] | None = None,
     memo: CheckMemo | None = None,
+    workers: int = 1,
 ) -> Iterator[RawRecord | InputProblem]:
     """Stream the records of ``paths`` (all of one ``kind``): a `RawRecord` (with ``video_info`` when videos
     are checked) for each good one, an `InputProblem` for each bad one — never raising for one record.
@@ -600,6 +604,8 @@ def iter_raw(
     ``check_videos=False`` they are not looked at. A syntax error inside a JSON array ends that file with an
     ``InputProblem`` (code ``json``) at the failing position; a file that cannot be opened raises `RecordError`.
     With a ``memo`` (`CheckMemo`), the content checks and probes of an earlier pass (or run) are reused.
+    With ``workers`` > 1 the content checks (mask decoding, probes) run in that many processes, at most
+    ``4 * workers`` records ahead of the reader; the order and the results are the same.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -609,6 +615,66 @@ def iter_raw(
     if memo is not None and cached is not None:
         memo.probe = cached = memo.probe or cached
     settings = json.dumps([str(video_root) if video_root is not None else None, check_videos, max_objects])
+    pool = None
+    if workers > 1:
+        if probe is not None:
+            raise ValueError("workers > 1 probes with probe_video in each process: do not pass a probe")
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    window: deque[tuple[RawRecord | InputProblem, Any, bool]] = deque()  # (item, result or Future, fresh)
+
+    def finish(item, value, fresh: bool) -> RawRecord | InputProblem:
+        if isinstance(item, InputProblem):
+            return item
+        codes, reasons, video = value.result() if isinstance(value, Future) else value
+        if fresh and memo is not None:
+            memo.put(item.source, item.position, settings, codes, reasons, video)
+        if codes:
+            return InputProblem(item.source, item.position, item.index, item.id, codes, reasons)
+        return replace(item, video_info=VideoInfo(*video)) if video is not None else item
+
+    try:
+        for item in _parsed_records(paths, kind, video_root):
+            if isinstance(item, InputProblem):
+                window.append((item, None, False))
+            elif memo is not None and (earlier := memo.get(item.source, item.position, settings)) is not None:
+                window.append((item, earlier, False))
+            elif pool is not None:
+                window.append((item, pool.submit(_check_in_worker, item, max_objects, check_videos), True))
+            else:
+                window.append((item, content_check(item, cached, max_objects), True))
+            while window and (len(window) > 4 * workers or not _pending(window[0][1])):
+                yield finish(*window.popleft())
+        while window:
+            yield finish(*window.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _pending(value: Any) -> bool:
+    return isinstance(value, Future) and not value.done()
+
+
+def content_check(record: RawRecord, cached: _CachedProbe | None, max_objects: int):
+    """(codes, reasons, (frames, fps, height, width) or None) of `check_raw` and the video probe."""
+    found = check_raw(record, probe=cached, max_objects=max_objects)
+    codes, reasons = (tuple(x) for x in zip(*found)) if found else ((), ())
+    info = cached(record.video) if cached is not None and not codes else None
+    return codes, reasons, None if info is None else (info.num_frames, info.fps, info.height, info.width)
+
+
+_WORKER_PROBE: _CachedProbe | None = None
+
+
+def _check_in_worker(record: RawRecord, max_objects: int, check_videos: bool):
+    global _WORKER_PROBE
+    if check_videos and _WORKER_PROBE is None:
+        _WORKER_PROBE = _CachedProbe(probe_video)
+    return content_check(record, _WORKER_PROBE if check_videos else None, max_objects)
+
+
+def _parsed_records(paths: Sequence[str | Path], kind: str, video_root) -> Iterator[RawRecord | InputProblem]:
+    """Read and structurally parse every record (`read_raw`); content checks come after."""
     for path in paths:
         source = str(path)
         records = iter_json_records(path, bad_lines="yield")
@@ -632,26 +698,9 @@ def iter_raw(
                 continue
             rid = obj.get("id") if isinstance(obj, dict) else None
             try:
-                record = read_raw(obj, kind=kind, source=source, position=position, video_root=video_root)
+                yield read_raw(obj, kind=kind, source=source, position=position, video_root=video_root)
             except RawRecordError as e:
                 yield InputProblem(source, position, index, rid, e.codes, e.reasons)
-                continue
-            earlier = memo.get(source, position, settings) if memo is not None else None
-            if earlier is None:
-                found = check_raw(record, probe=cached, max_objects=max_objects)
-                codes, reasons = (tuple(x) for x in zip(*found)) if found else ((), ())
-                info = cached(record.video) if cached is not None and not codes else None
-                video = None if info is None else (info.num_frames, info.fps, info.height, info.width)
-                if memo is not None:
-                    memo.put(source, position, settings, codes, reasons, video)
-            else:
-                codes, reasons, video = earlier
-            if codes:
-                yield InputProblem(source, position, index, rid, codes, reasons)
-                continue
-            if video is not None:
-                record = replace(record, video_info=VideoInfo(*video))
-            yield record
 
 
 # ---------------------------------------------------------------------------------------------------------
