@@ -182,6 +182,8 @@ class AlignedText:
     text: str
     spans: list[tuple[int, int, str]]
     straddling: int
+    text_ids: list[int]  # the ids of ``text`` before the vision expansion
+    offsets: list[tuple[int, int]]  # their character ranges in ``text``
 
 
 def build_text(tokenizer, turns: Sequence[Turn], **options) -> TextSample:
@@ -255,6 +257,8 @@ def align_text(
         text=clean,
         spans=[(s, e, clean[s:e]) for s, e in tag_ranges],
         straddling=straddling,
+        text_ids=ids,
+        offsets=offsets,
     )
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swim.data.nl_refer.llm import is_transient
 from swim.eval.sharding import JsonlStore
 
 logger = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class Judge:
                     f"judge request rejected ({type(e).__name__}, HTTP {e.status_code})"
                 ) from e
             except Exception as e:
-                if not _is_transient(e) or attempt >= self.config.max_retries:
+                if not is_transient(e) or attempt >= self.config.max_retries:
                     raise
                 delay = min(self.config.backoff_max_s, self.config.backoff_s * 2**attempt)
                 attempt += 1
@@ -332,13 +333,3 @@ class Judge:
                     type(e).__name__, attempt, self.config.max_retries, delay,
                 )  # fmt: skip
                 self._sleep(delay)
-
-
-def _is_transient(e: Exception) -> bool:
-    import openai
-
-    if isinstance(e, (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)):
-        return True
-    if isinstance(e, openai.APIStatusError):
-        return e.status_code in (408, 409, 425, 429) or e.status_code >= 500
-    return False

@@ -86,6 +86,7 @@ class ResponseLog:
         self.offsets: dict[str, int] = {}
         self._repair_and_index()
         self._file = self.path.open("ab")
+        self._reader = self.path.open("rb")  # one handle for every lookup (the log is only appended to)
 
     def _repair_and_index(self) -> None:
         if not self.path.exists():
@@ -119,9 +120,8 @@ class ResponseLog:
         offset = self.offsets.get(rid)
         if offset is None:
             return None
-        with self.path.open("rb") as f:
-            f.seek(offset)
-            return json.loads(f.readline())
+        self._reader.seek(offset)
+        return json.loads(self._reader.readline())
 
     def append(self, entry: dict[str, Any]) -> None:
         offset = self._file.seek(0, os.SEEK_END)
@@ -133,6 +133,7 @@ class ResponseLog:
 
     def close(self) -> None:
         self._file.close()
+        self._reader.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,7 +306,9 @@ def read_records(args) -> Iterator[Any]:
 
 
 def is_problem(item) -> bool:
-    return hasattr(item, "codes")
+    from swim.data.nl_refer.raw import InputProblem
+
+    return isinstance(item, InputProblem)
 
 
 # ----------------------------------------------------------------------------------------------------------

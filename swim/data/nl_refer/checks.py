@@ -349,8 +349,7 @@ def alignment_problems(tokenizer, record_json: dict, source: str, n_objects: int
         problems.append(("token_alignment", f"{sample.straddling} token(s) cross a tag edge"))
     if problems or not sample.spans:
         return problems
-    enc = tokenizer(sample.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, offsets = sample.text_ids, sample.offsets
     for start, end, phrase in sample.spans:
         inside = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and sample.text[s:e].strip()]
         lead = " " if start > 0 and sample.text[start - 1] == " " else ""

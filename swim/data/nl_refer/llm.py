@@ -101,7 +101,8 @@ def _quiet_http_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _is_transient(e: Exception) -> bool:
+def is_transient(e: Exception) -> bool:
+    """An OpenAI-client error worth retrying: connection, timeout, 429, 408/409/425, 5xx."""
     import openai
 
     if isinstance(e, (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError)):
@@ -144,7 +145,7 @@ class OpenAIBackend:
                     f"the endpoint refused the request: {type(e).__name__} (HTTP {e.status_code}): {e}"
                 ) from e
             except Exception as e:
-                if not _is_transient(e) or attempt >= self.retry.max_retries:
+                if not is_transient(e) or attempt >= self.retry.max_retries:
                     self.failures += 1
                     raise RequestFailed(f"{type(e).__name__}: {e}"[:300]) from e
                 attempt += 1
