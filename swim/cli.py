@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("swim.train", "SFT with the attention-grounding loss (--config RECIPE.yaml)"),
     "merge-lora": ("swim.merge_lora", "merge a LoRA training output into a stock checkpoint (+ seg_head/)"),
     "demo": ("swim.demos.cli", "synthetic data + tiny model: baseline vs SWIM grounding report"),
+    "pretrain": ("swim.demos.pretrain", "the demos' pretrained tiny base (next-token only), cached by hash"),
     "data synth": (
         "swim.data.synth.cli",
         "write the synthetic shapes videos, or a KLAL image task (--task ...)",

@@ -43,15 +43,23 @@ def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
     """Two seeds of the whole demo at toy size: per-seed reports (both held-out splits) and the seeds summary."""
     monkeypatch.chdir(ROOT)
     summary = demo_main(["--config", "recipes/demo.yaml", "--out", str(tmp_path / "demo"), "--max-steps", "2",
-                         "--num-train", "8", "--num-val", "4", "--num-shifted-val", "3", "--seeds", "0", "1"])  # fmt: skip
+                         "--num-train", "8", "--num-val", "6", "--num-shifted-val", "3", "--seeds", "0", "1",
+                         "--cache-dir", str(tmp_path / "cache"), "--base-num-videos", "6", "--base-max-steps", "2"])  # fmt: skip
     out = tmp_path / "demo"
     for seed in (0, 1):
         saved = json.loads((out / f"seed_{seed}" / "report.json").read_text())
         assert saved["seed"] == seed and set(saved["splits"]) == {"val", "val_shifted"}
         for split in saved["splits"].values():
-            for run in ("baseline", "swim"):
-                assert {"pointing_game", "mask_mass", "text_loss"} <= set(split[run])
+            for run in (
+                "base",
+                "baseline",
+                "swim",
+            ):  # the pretrained base's zero-shot figures beside the arms
+                assert {"pointing_game", "mask_mass", "text_loss", "answers"} <= set(split[run])
                 assert 0 <= split[run]["pointing_game"] <= 1
+                answers = split[run]["answers"]
+                assert answers["chance"] == 0.5 and 0 <= answers["accuracy"] <= 1
+                assert 0 < answers["records"] <= 6
             assert 0 < split["chance"] < 1 and 0 < split["chance_colour_only"] <= 1
         assert saved["splits"]["val_shifted"]["records"] == 3 and saved["steps"] == 2
         text = (out / f"seed_{seed}" / "report.md").read_text()
@@ -63,6 +71,9 @@ def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
     assert summary["seeds"] == [0, 1] and len(summary["values"]["SWIM − NTP"]) == 2
     table = (out / "report.md").read_text()
     assert "| 0 |" in table and "| 1 |" in table and "mean ± std" in table and "shifted: colour-only" in table
+    assert "base zero-shot" in table and "answers dep.: SWIM" in table
+    bases = list((tmp_path / "cache").glob("base-*"))
+    assert len(bases) == 1 and (bases[0] / "base.json").exists()  # built once, shared by both seeds
     values = summary["values"]
     gap = [s - b for s, b in zip(values["SWIM"], values["NTP-only"])]
     assert values["SWIM − NTP"] == pytest.approx(gap)

@@ -19,6 +19,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-val", type=int)
     parser.add_argument("--num-shifted-val", type=int)
     parser.add_argument(
+        "--cache-dir", help="where the pretrained base is kept (default: the config's, runs/cache)"
+    )
+    parser.add_argument(
+        "--base-num-videos", type=int, help="override the pretrained base's size (quick runs)"
+    )
+    parser.add_argument(
+        "--base-max-steps", type=int, help="override the pretrained base's steps (quick runs)"
+    )
+    parser.add_argument(
         "--seeds", type=int, nargs="+", help="run the demo once per seed (out/seed_N) + a summary"
     )
     parser.add_argument("--quick", action="store_true", help="KLAL demo: the config's `quick` sizes (tests)")

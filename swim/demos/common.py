@@ -12,10 +12,11 @@ import torch
 import yaml
 
 
-def recipe_data_args(recipe: str):
+def recipe_data_args(recipe: str, overrides: dict | None = None):
+    """(DataArguments, the whole recipe as a dict) of a training recipe, with `overrides` applied."""
     from swim.train import DataArguments
 
-    data = yaml.safe_load(Path(recipe).read_text())
+    data = {**yaml.safe_load(Path(recipe).read_text()), **(overrides or {})}
     names = {f.name for f in fields(DataArguments)}
     return DataArguments(**{k: v for k, v in data.items() if k in names}), data
 

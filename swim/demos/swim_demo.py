@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ TARGET_SWIM, TARGET_BASELINE, TARGET_MARGIN_OVER_COLOUR, TARGET_MEAN = 0.80, 0.4
 @dataclass
 class DemoConfig:
     recipe: str = "demo_cpu.yaml"  # relative to the demo config's folder
+    recipe_overrides: dict = field(default_factory=dict)  # settings of `recipe` changed for both arms
     seed: int = 0
     num_train: int = 400
     num_val: int = 100
@@ -49,6 +51,12 @@ class DemoConfig:
     shifted: dict = field(default_factory=dict)  # SynthConfig overrides of the shifted held-out split
     num_shifted_val: int = 0  # videos of the shifted held-out split (0: none)
     max_steps: int | None = None  # override of the recipe's (for quick runs)
+    base: str | None = None  # a `swim pretrain` config (relative to this file): start from its cached base
+    cache_dir: str = "runs/cache"  # where pretrained bases are kept (swim.demos.pretrain)
+    base_num_videos: int | None = (
+        None  # overrides of the base's config (quick runs; another hash, another base)
+    )
+    base_max_steps: int | None = None
     overlays: int = 4
     parallel: bool = True  # train both runs at once, one thread each (2 cores)
 
@@ -62,6 +70,12 @@ class DemoConfig:
         cfg.recipe = str(Path(path).parent / cfg.recipe)  # relative to the demo config's folder
         if not Path(cfg.recipe).exists():
             raise ValueError(f"{path}: recipe {cfg.recipe} not found")
+        if cfg.base is not None:
+            cfg.base = str(Path(path).parent / cfg.base)
+            if not Path(cfg.base).exists():
+                raise ValueError(f"{path}: pretraining config {cfg.base} not found")
+            if cfg.model:
+                raise ValueError(f"{path}: `model` and `base` both set; the base's config fixes the model")
         return cfg
 
 
@@ -76,6 +90,8 @@ def train_runs(cfg: DemoConfig, out: Path, model_dir: Path, train_json: Path) ->
                "--data_seed", str(cfg.seed)]  # fmt: skip
         if weight is not None:
             cmd += ["--attn_weight", str(weight)]
+        for key, value in cfg.recipe_overrides.items():
+            cmd += [f"--{key}", str(value)]
         if cfg.max_steps is not None:
             cmd += ["--max_steps", str(cfg.max_steps)]
         env = dict(os.environ, OMP_NUM_THREADS="1" if cfg.parallel else os.environ.get("OMP_NUM_THREADS", ""))
@@ -133,6 +149,100 @@ def colour_only_chance(val_json: Path, data_args, family, min_cover: float = 0.0
     return hits / total if total else None
 
 
+def shade_variants(record: dict, shades: tuple[str, ...]) -> dict[str, dict]:
+    """shade -> a copy of a synthetic shapes record (`swim.data.synth.shapes.refer_record`) whose answer states
+    that shade: "The red ring is dark and moves up." for a description, the option letter of that shade for a
+    shade question. The true shade's copy equals the record; {} for a record that does not state the shade
+    (a question about the motion)."""
+    question, answer = (turn["value"] for turn in record["conversations"])
+    if "\n(A) " in question:  # multiple choice: "(B) Dark" lines
+        letters = {text: letter for letter, text in re.findall(r"^\(([A-Z])\) (.+)$", question, re.M)}
+        if not all(shade.capitalize() in letters for shade in shades):
+            return {}
+        texts = {shade: f"({letters[shade.capitalize()]}) {shade.capitalize()}" for shade in shades}
+    else:
+        stated = re.match(r"^(The .+?) is (\w+) and (moves .+)$", answer)
+        if stated is None or stated.group(2) not in shades:
+            return {}
+        texts = {shade: f"{stated.group(1)} is {shade} and {stated.group(3)}" for shade in shades}
+    variants = {}
+    for shade, text in texts.items():
+        variant = json.loads(json.dumps(record))
+        variant["conversations"][1]["value"] = text
+        variants[shade] = variant
+    return variants
+
+
+def distractor_dependence(scene: list[dict], attribute: str = "shade") -> tuple[bool, float]:
+    """(does an object of the target's colour differ from it in `attribute`, P(right) when answering with the
+    `attribute` of a random object of the target's colour). `scene`: the synthetic record's objects, target
+    first."""
+    target, *others = scene
+    same_colour = [o for o in others if o["colour"] == target["colour"]]
+    agree = 1 + sum(o[attribute] == target[attribute] for o in same_colour)
+    return agree < 1 + len(same_colour), agree / (1 + len(same_colour))
+
+
+@torch.no_grad()
+def shade_answers(model, dataset, val_json: Path, shades: tuple[str, ...]) -> dict:
+    """The task-level measure: how often the model's most likely answer states the referred object's shade.
+
+    The videos draw every object bright or dark at random and no question names the shade, so the answer must
+    be read off the referred object. Every held-out record that states the shade (descriptions and shade
+    questions) is scored once per shade (`shade_variants`); the prediction is the variant of least summed
+    next-token loss. Reported over all of them and over the *distractor-dependent* ones, where an object of the
+    target's colour has the other shade: answering those right needs the referred object told apart from the
+    same-colour distractor. Chance levels: uniform (1 / number of shades) and, on the dependent records, a
+    model that answers with the shade of a random object of the named colour.
+    """
+    from swim.data.collator import SwimCollator
+    from swim.data.dataset import SwimDataset
+    from swim.data.records import record_from_json
+
+    records, dependent, colour_only = [], [], []
+    variants, truth = [], []
+    for position, record in enumerate(json.loads(val_json.read_text())):
+        options = shade_variants(record, shades)
+        if not options:
+            continue
+        needs_shape, by_colour = distractor_dependence(record["scene"])
+        records.append(position)
+        dependent.append(needs_shape)
+        colour_only.append(by_colour)
+        for shade in shades:
+            variants.append(record_from_json(options[shade], source=val_json, index=position,
+                                             data_root=str(val_json.parent)))  # fmt: skip
+            truth.append(shade == record["scene"][0]["shade"])
+    if not records:
+        raise ValueError(f"{val_json}: no record states a shade; set `shades` in the demo's synth block")
+    scored = SwimDataset(variants, dataset.settings, dataset.tokenizer, supervise_qa=True, strict=True,
+                         system_prompt=dataset.system_prompt, pair_mode=dataset.pair_mode, family=dataset.family)  # fmt: skip
+    collate = SwimCollator(dataset.tokenizer.pad_token_id)
+    losses = []
+    for start in range(0, len(scored), 16):
+        batch = collate([scored[i] for i in range(start, min(len(scored), start + 16))])
+        batch.pop("grounding", None)
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch, use_cache=False).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+        )
+        losses += (token_loss * (labels != -100)).sum(1).tolist()
+    n = len(shades)
+    correct = [truth[n * k + min(range(n), key=lambda j: losses[n * k + j])] for k in range(len(records))]
+    picked = [c for c, d in zip(correct, dependent) if d]
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "dependent_accuracy": sum(picked) / len(picked) if picked else float("nan"),
+        "dependent_records": len(picked),
+        "records": len(correct),
+        "chance": 1 / n,
+        "chance_colour_only_dependent": (
+            sum(c for c, d in zip(colour_only, dependent) if d) / len(picked) if picked else float("nan")
+        ),
+    }
+
+
 METRIC_ROWS = [
     ("pointing_game", "pointing game @1"),
     ("pointing_game_at_k", "top-5 precision"),
@@ -143,20 +253,39 @@ METRIC_ROWS = [
 ]
 
 
+ANSWER_ROWS = [
+    ("accuracy", "shade answers, all"),
+    ("dependent_accuracy", "shade answers, same-colour distractor of the other shade"),
+]
+COLUMNS = {"base": "pretrained base (zero-shot)", "baseline": "baseline (NTP only)", "swim": "SWIM"}
+
+
 def _split_section(report: dict, split: str) -> str:
     result = report["splits"][split]
-    b, s = result["baseline"], result["swim"]
-    rows = "\n".join(f"| {label} | {b[key]:.3f} | {s[key]:.3f} |" for key, label in METRIC_ROWS)
+    arms = [name for name in COLUMNS if name in result]
+    rows = [
+        f"| {label} | " + " | ".join(f"{result[a][key]:.3f}" for a in arms) + " |"
+        for key, label in METRIC_ROWS
+    ]
+    rows += [f"| {label} | " + " | ".join(f"{result[a]['answers'][key]:.3f}" for a in arms) + " |"
+             for key, label in ANSWER_ROWS]  # fmt: skip
+    answers = result["swim"]["answers"]
     colour = result["chance_colour_only"]
     colour_line = f"{colour:.3f}" if colour is not None else "n/a (no scene metadata)"
-    return f"""### {SPLITS[split]} ({result["records"]} videos, {s["pairs"]} (word token, temporal group) pairs)
+    return f"""### {SPLITS[split]} ({result["records"]} videos, {result["swim"]["pairs"]} (word token, temporal group) pairs)
 
-| metric | baseline (NTP only) | SWIM |
-|---|---|---|
-{rows}
+| metric | {" | ".join(COLUMNS[a] for a in arms)} |
+|---|{"---|" * len(arms)}
+{chr(10).join(rows)}
+
+Shade answers (the task-level measure, docs/demo_design.md §7): every answer that states the referred object's
+shade (bright or dark; never named in the question) scored with each shade, the most likely one taken;
+{answers["dependent_records"]} of {answers["records"]} have a same-colour distractor of the other shade. Chance:
+{answers["chance"]:.3f}; answering with the shade of a random object of the named colour scores
+{answers["chance_colour_only_dependent"]:.3f} on those.
 
 Chance levels for the pointing game: a uniformly random token **{result["chance"]:.3f}** (uniform attention puts
-{b["chance_mask_mass"]:.3f} of its mass on the object); a model that finds the *named colour* but not the shape
+{result["swim"]["chance_mask_mass"]:.3f} of its mass on the object); a model that finds the *named colour* but not the shape
 (random token among cells of any object of the target's colour) **{colour_line}** — the shortcut an honest reading
 must compare against (docs/demo_design.md §2).
 """
@@ -198,11 +327,16 @@ def seed_checks(report: dict) -> dict[str, bool]:
     """The demo's per-seed targets, on the training-distribution split."""
     b, s = report["baseline"]["pointing_game"], report["swim"]["pointing_game"]
     colour = report.get("chance_colour_only")
+    answers = report["splits"]["val"]
     return {
         f"SWIM >= {TARGET_SWIM}": s >= TARGET_SWIM,
         f"NTP-only <= {TARGET_BASELINE}": b <= TARGET_BASELINE,
         f"SWIM >= colour-only + {TARGET_MARGIN_OVER_COLOUR}": colour is not None
         and s >= colour + TARGET_MARGIN_OVER_COLOUR,
+        "SWIM's shade answers better than NTP-only's (distractor-dependent)": answers["swim"]["answers"][
+            "dependent_accuracy"
+        ]
+        > answers["baseline"]["answers"]["dependent_accuracy"],
     }
 
 
@@ -241,22 +375,36 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     if cfg.num_shifted_val:
         shifted = SynthConfig(**{**cfg.synth, **cfg.shifted})
         paths |= generate(out / "data_shifted", shifted, cfg.seed, {"val_shifted": cfg.num_shifted_val})
-    model_dir = build_tiny_checkpoint(out / "tiny", seed=cfg.seed, **cfg.model)
+    if cfg.base is not None:  # one fixed pretrained base for every seed and arm (swim.demos.pretrain)
+        from swim.demos.pretrain import PretrainConfig, build_base
+
+        base_cfg = PretrainConfig.from_yaml(cfg.base)
+        base_cfg.num_videos = cfg.base_num_videos or base_cfg.num_videos
+        base_cfg.max_steps = cfg.base_max_steps or base_cfg.max_steps
+        model_dir = build_base(base_cfg, cfg.cache_dir)
+    else:
+        model_dir = build_tiny_checkpoint(out / "tiny", seed=cfg.seed, **cfg.model)
 
     # ---- train both runs
     run_dirs = train_runs(cfg, out, model_dir, paths["train"])
 
     # ---- evaluate on the held-out splits
-    data_args, recipe = recipe_data_args(cfg.recipe)
+    data_args, recipe = recipe_data_args(cfg.recipe, cfg.recipe_overrides)
     splits, handles = {}, {}
     for split in (s for s in SPLITS if s in paths):
         results = {}
-        for name, run_dir in run_dirs.items():
+        evaluated = {"base": model_dir, **run_dirs} if cfg.base is not None else run_dirs
+        shades = tuple(cfg.synth.get("shades") or ())
+        for name, run_dir in evaluated.items():
             results[name], handle = evaluate_run(run_dir, paths[split], recipe, data_args)
+            results[name]["answers"] = shade_answers(*handle, paths[split], shades)
             handles.setdefault(split, {})[name] = handle
-            logger.info("%s / %s: pointing game %.3f", split, name, results[name]["pointing_game"])
+            logger.info("%s / %s: pointing game %.3f, shade answers %.3f (distractor-dependent %.3f)", split,
+                        name, results[name]["pointing_game"], results[name]["answers"]["accuracy"],
+                        results[name]["answers"]["dependent_accuracy"])  # fmt: skip
         family = handles[split]["swim"][1].family
         splits[split] = {
+            **({"base": results["base"]} if "base" in results else {}),
             "baseline": results["baseline"],
             "swim": results["swim"],
             "chance": results["swim"]["chance_pointing_game"],
@@ -276,7 +424,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     ):
         for index in range(count):
             maps = {name: record_maps(model, dataset, index, layers) for name, (model, dataset) in
-                    handles[split].items()}  # fmt: skip
+                    handles[split].items() if name in RUNS}  # fmt: skip
             rows = {"NTP-only baseline": maps["baseline"], "SWIM": maps["swim"]}
             record = handles[split]["swim"][1].records[index]
             images.append(draw_grid(rows, out / "overlays" / f"{split}_{index:05d}.png",
@@ -318,6 +466,11 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
         ("SWIM − colour-only", "val", lambda r: r["splits"]["val"]["swim"]["pointing_game"]
          - r["splits"]["val"]["chance_colour_only"]),
         ("random token", "val", lambda r: r["splits"]["val"]["chance"]),
+        ("base zero-shot", "val", lambda r: r["splits"]["val"]["base"]["pointing_game"]),
+        ("answers dep.: SWIM", "val", lambda r: r["splits"]["val"]["swim"]["answers"]["dependent_accuracy"]),
+        ("answers dep.: NTP-only", "val", lambda r: r["splits"]["val"]["baseline"]["answers"]["dependent_accuracy"]),
+        ("answers dep.: colour-only", "val",
+         lambda r: r["splits"]["val"]["swim"]["answers"]["chance_colour_only_dependent"]),
         ("shifted: SWIM", "val_shifted", lambda r: r["splits"]["val_shifted"]["swim"]["pointing_game"]),
         ("shifted: NTP-only", "val_shifted", lambda r: r["splits"]["val_shifted"]["baseline"]["pointing_game"]),
         ("shifted: SWIM − NTP", "val_shifted", lambda r: r["splits"]["val_shifted"]["swim"]["pointing_game"]
@@ -326,6 +479,8 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
         ("shifted: random token", "val_shifted", lambda r: r["splits"]["val_shifted"]["chance"]),
     ]  # fmt: skip
     columns = [c for c in columns if all(c[1] in r["splits"] for r in reports)]
+    if not all("base" in r["splits"]["val"] for r in reports):
+        columns = [c for c in columns if c[0] != "base zero-shot"]
     values = {label: [get(r) for r in reports] for label, _, get in columns}
     summary = {label: dict(zip(("mean", "std"), mean_std(v))) for label, v in values.items()}
     per_seed_ok = [all(r["checks"].values()) for r in reports]
@@ -349,7 +504,8 @@ deviations are over seeds (n − 1). Chance levels are per seed (each seed draws
 {chr(10).join(lines)}
 
 Targets: in each seed SWIM ≥ {TARGET_SWIM}, NTP-only ≤ {TARGET_BASELINE}, SWIM ≥ colour-only +
-{TARGET_MARGIN_OVER_COLOUR}; mean SWIM ≥ {TARGET_MEAN}. Per-seed targets met in
+{TARGET_MARGIN_OVER_COLOUR}, SWIM's shade answers better than NTP-only's where a same-colour distractor has the
+other shade ("answers dep."); mean SWIM ≥ {TARGET_MEAN}. Per-seed targets met in
 **{sum(per_seed_ok)} of {len(reports)}** seeds; mean SWIM {summary["SWIM"]["mean"]:.3f}
 ({"met" if mean_ok else "not met"}). Wall time per seed (both runs, evaluation, figures):
 {", ".join(f"{r['seconds']:.0f} s" for r in reports)}.
@@ -367,7 +523,15 @@ Per-seed reports: {", ".join(f"[seed {r['seed']}](seed_{r['seed']}/report.md)" f
 def run_from_args(args) -> dict:
     """`swim demo` (swim.demos.cli) with a SWIM demo config: one run, or one per seed and a summary."""
     cfg = DemoConfig.from_yaml(args.config)
-    for key in ("max_steps", "num_train", "num_val", "num_shifted_val"):
+    for key in (
+        "max_steps",
+        "num_train",
+        "num_val",
+        "num_shifted_val",
+        "cache_dir",
+        "base_num_videos",
+        "base_max_steps",
+    ):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     out = Path(args.out)

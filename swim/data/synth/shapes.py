@@ -11,6 +11,8 @@ writes, with every path relative to OUT_DIR:
 - `bench_q.json`: VideoRefer-Bench-Q-style multiple choice (`Question`, `type`, `options`, `Answer`), one
   generator per official question type;
 - `bench_d.json`: VideoRefer-Bench-D-style descriptions (`conversations`, `caption`);
+- `pretrain.json` (only when asked for): mask-free records naming every object of the video, for building a
+  pretrained base (`swim pretrain`, docs/demo_design.md §7);
 - `videos/*.mp4` (yuv420p, PyAV). Bench-Q can be written as JPEG frame folders instead, like the real
   DAVIS-based benchmark.
 
@@ -51,10 +53,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (170, 50, 220),
     "white": (235, 235, 235),
 }
+CROSS_HALF_WIDTH = 0.1  # the plus sign's bars are a fifth of the side wide
+SHADES = {"bright": 1.0, "dark": 0.65}  # brightness factor of an object's colour
+SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")  # what `shape_mask` draws
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 EDGE = {"left": "the left edge", "right": "the right edge", "up": "the top edge", "down": "the bottom edge"}
-SPLIT_IDS = {"train": 0, "val": 1, "bench_q": 2, "bench_d": 3, "val_shifted": 4}
+SPLIT_IDS = {"train": 0, "val": 1, "bench_q": 2, "bench_d": 3, "val_shifted": 4, "pretrain": 5}
 REFER_SPLITS = ("train", "val", "val_shifted")
 
 
@@ -72,6 +77,10 @@ class SynthConfig:
     p_same_colour: float = 0.8  # P(a distractor with the target's colour, another shape)
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    # per-object shades (of SHADES) drawn at random, e.g. ("bright", "dark"): a third attribute that the
+    # reference never names, so that an answer about it needs the referred object told apart from its
+    # distractors (docs/demo_design.md §7); () draws every object at full brightness
+    shades: tuple[str, ...] = ()
     min_visible: float = 0.5  # every object keeps at least this fraction of its area visible in every frame
     qa_fraction: float = 0.25  # share of train/val records that are multiple-choice questions
     annotated_fraction: float = 1.0  # share of the frames whose masks are written (at least two per object)
@@ -91,7 +100,12 @@ class SynthConfig:
         unknown = [c for c in self.colours if c not in PALETTE]
         if unknown:
             raise ValueError(f"unknown colours {unknown}; known: {sorted(PALETTE)}")
-        unknown = [s for s in self.shapes if s not in ("circle", "square", "triangle", "diamond")]
+        unknown = [s for s in self.shades if s not in SHADES]
+        if unknown or len(self.shades) == 1:
+            raise ValueError(
+                f"shades must be empty or at least two of {sorted(SHADES)}, got {list(self.shades)}"
+            )
+        unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise ValueError(f"unknown shapes {unknown}")
         if len(self.shapes) < 2 or len(self.colours) < 2:
@@ -114,6 +128,7 @@ class SceneObject:
     direction: str
     x0: float  # top-left corner of the bounding box at frame 0
     y0: float
+    shade: str = ""  # one of SHADES, or "" (full brightness, not mentioned)
     masks: list[np.ndarray] = field(default_factory=list)  # visible (occlusion-aware) mask per frame
 
     @property
@@ -150,6 +165,17 @@ def shape_mask(shape: str, x: float, y: float, side: int, size: int, height: int
         inside = (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= v / 2)
     elif shape == "diamond":
         inside = np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
+    elif shape == "ring":  # a circle's outline, a fifth of the side thick
+        r2 = (u - 0.5) ** 2 + (v - 0.5) ** 2
+        inside = (r2 <= 0.25) & (r2 >= 0.09)
+    elif shape == "cross":  # a plus sign, bars a third of the side wide
+        inside = (
+            (u >= 0)
+            & (u <= 1)
+            & (v >= 0)
+            & (v <= 1)
+            & ((np.abs(u - 0.5) <= CROSS_HALF_WIDTH) | (np.abs(v - 0.5) <= CROSS_HALF_WIDTH))
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}")
     out[y0:y1, x0:x1] = inside
@@ -172,7 +198,9 @@ def render(objects: list[SceneObject], cfg: SynthConfig) -> np.ndarray:
             covered |= m
         for obj, m in zip(objects, reversed(visible), strict=True):
             obj.masks.append(m)
-            video[t][m] = PALETTE[obj.colour]
+            video[t][m] = np.round(np.array(PALETTE[obj.colour]) * SHADES.get(obj.shade, 1.0)).astype(
+                np.uint8
+            )
     return video
 
 
@@ -219,7 +247,8 @@ def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[Scene
             x_lo, x_hi = max(0.0, -dx * travel), span_x - max(0.0, dx * travel)
             y_lo, y_hi = max(0.0, -dy * travel), span_y - max(0.0, dy * travel)
             x0, y0 = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
-            objects.append(SceneObject(shape, colour, direction, round(x0, 2), round(y0, 2)))
+            shade = _pick(rng, cfg.shades) if cfg.shades else ""
+            objects.append(SceneObject(shape, colour, direction, round(x0, 2), round(y0, 2), shade))
         order = rng.permutation(len(objects))
         video = render([objects[k] for k in order], cfg)
         min_frac = min(m.sum() / area[o.shape] for o in objects for m in o.masks)
@@ -244,6 +273,7 @@ TEMPLATES = {
         "In which direction is the {ref} heading?",
     ),
 }
+SHADE_QUESTION = {"train": "Is the {ref} bright or dark?", "shifted": "How bright is the {ref}?"}
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
@@ -365,12 +395,19 @@ def refer_record(
     describe, ask = TEMPLATES[cfg.templates]
     frames = annotated_frames(rng, cfg)
     if rng.random() < cfg.qa_fraction:
-        options, answer = _direction_choice(rng, a, {d: m.capitalize() for d, m in MOVES.items()})
+        if a.shade and rng.random() < 0.5:  # half of the questions ask for the shade
+            options, answer = multiple_choice(
+                rng, a.shade.capitalize(), [s.capitalize() for s in cfg.shades if s != a.shade]
+            )
+            ask = SHADE_QUESTION[cfg.templates]
+        else:
+            options, answer = _direction_choice(rng, a, {d: m.capitalize() for d, m in MOVES.items()})
         question = "\n".join([ask.format(ref=a.tagged()), *options, MC_SUFFIX])
         index = f"synth_qa_{index}"
     else:
         question = _pick(rng, describe).format(ref=a.tagged())
-        answer = f"The {a.name} moves {MOVES[a.direction]}."
+        shade = f"is {a.shade} and " if a.shade else ""
+        answer = f"The {a.name} {shade}moves {MOVES[a.direction]}."
         index = f"synth_caption_{index}"
     return {
         "video": video,
@@ -382,7 +419,35 @@ def refer_record(
         # every object of the scene, the referred one first: lets the demo measure shortcut baselines
         # (e.g. "find the named colour") against the same masks; readers ignore this key
         "scene": [
-            {"colour": o.colour, "shape": o.shape, "annotation": annotation_of(o, frames)} for o in objects
+            {
+                "colour": o.colour,
+                "shape": o.shape,
+                "direction": o.direction,
+                "shade": o.shade,
+                "annotation": annotation_of(o, frames),
+            }
+            for o in objects
+        ],
+    }
+
+
+INVENTORY_QUESTION = "Which shapes are in the video?"
+
+
+def inventory_record(objects: list[SceneObject], video: str, index: str, cfg: SynthConfig) -> dict:
+    """Mask-free pretraining record (a LLaVA-Video-style conversation): every object named with its motion,
+    ordered by colour (as in `cfg.colours`) then shape (`cfg.shapes`): "A red circle moving up and a blue
+    square moving to the left." The answer depends on which (colour, shape, motion) triples are present, not
+    on where they are, so learning it needs each object's colour bound to its shape and its motion."""
+    order = sorted(objects, key=lambda o: (cfg.colours.index(o.colour), cfg.shapes.index(o.shape)))
+    names = [f"a {o.shade + ' ' if o.shade else ''}{o.name} moving {MOVES[o.direction]}" for o in order]
+    answer = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
+    return {
+        "video": video,
+        "index": f"synth_inventory_{index}",
+        "conversations": [
+            {"from": "human", "value": f"<video>\n{INVENTORY_QUESTION}"},
+            {"from": "gpt", "value": answer[0].upper() + answer[1:]},
         ],
     }
 
@@ -424,6 +489,8 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int, cfg: SynthC
         mid = str(cfg.frames // 2)
         if split in REFER_SPLITS:
             records.append(refer_record(rng, objects, rel, name, cfg))
+        elif split == "pretrain":
+            records.append(inventory_record(objects, rel, name, cfg))
         elif split == "bench_q":
             kind = BENCH_Q_TYPES[i % len(BENCH_Q_TYPES)]
             question, options, answer, referred = bench_q_question(rng, kind, objects, cfg)
@@ -459,7 +526,8 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int, cfg: SynthC
 
 
 def generate(out_dir: str | Path, cfg: SynthConfig, seed: int, counts: dict[str, int]) -> dict[str, Path]:
-    """Write every split in `counts` ({"train": N, "val": M, "bench_q": K, "bench_d": L}); -> split -> JSON path."""
+    """Write every split in `counts` ({"train": N, "val": M, "bench_q": K, "bench_d": L, "pretrain": P});
+    -> split -> JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
