@@ -4,10 +4,10 @@ A randomly initialised vision tower cannot learn to tell a circle from a square 
 steps: a demo trained from scratch shows "the tagged word finds the named colour" and little more
 (docs/demo_design.md §5-§7). Real SWIM starts from a pretrained Qwen2.5-VL whose vision tower already sees
 objects, and freezes it. This module gives the tiny model the same starting point: next-token training only,
-on synthetic videos drawn with their own seed, that name every object with its motion ("A red circle moving
-up and a blue square moving to the left.", `swim.data.synth.shapes.inventory_record`). No question refers to
-one object, no mask is used and no attention is supervised, so the base knows colours, shapes and motion but
-was never taught to point; its zero-shot figures are reported beside each demo that uses it.
+on synthetic videos drawn with their own seed, that name every object ("A dark red ring moving up and a bright
+blue square moving to the left.", `swim.data.synth.shapes.inventory_record`). No question refers to one object,
+no mask is used and no attention is supervised, so the base learns to see colours, shades and shapes but was
+never taught to point; its zero-shot figures are reported beside each demo that uses it.
 
 The base is one fixed checkpoint for every seed and arm of a demo, like a public checkpoint. It is cached under
 ``CACHE/base-<hash>``, the hash covering the pretraining config, the training recipe's settings, the synthetic
