@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -74,14 +75,21 @@ def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
     assert "base zero-shot" in table and "answers dep.: SWIM" in table
     bases = list((tmp_path / "cache").glob("base-*"))
     assert len(bases) == 1 and (bases[0] / "base.json").exists()  # built once, shared by both seeds
+    # both arms start from the base with its vision tower frozen (recipe_overrides), the language model trained
+    from safetensors.torch import load_file
+
+    base = load_file(bases[0] / "model.safetensors")
+    for arm in ("baseline", "swim"):
+        tuned = load_file(out / "seed_0" / arm / "model.safetensors")
+        visual = [k for k in base if k.startswith("visual.")]
+        assert visual and all(torch.equal(base[k], tuned[k]) for k in visual)
+        assert any(not torch.equal(base[k], tuned[k]) for k in base if not k.startswith("visual."))
     values = summary["values"]
     gap = [s - b for s, b in zip(values["SWIM"], values["NTP-only"])]
     assert values["SWIM − NTP"] == pytest.approx(gap)
 
 
 def test_unpatchify_inverts_patchify():
-    import torch
-
     from swim.data.video import patchify
     from swim.vis.attention import unpatchify
 
