@@ -10,7 +10,12 @@ from swim.demos.swim_demo import DemoConfig
 from swim.train import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = ("demo.yaml", "demo_base.yaml", "klal_demo.yaml", "seg_demo.yaml")  # demo drivers' configs, not training recipes
+DEMO_CONFIGS = (
+    "demo.yaml",
+    "demo_base.yaml",
+    "klal_demo.yaml",
+    "seg_demo.yaml",
+)  # demo drivers' configs, not training recipes
 TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in DEMO_CONFIGS)
 
 
