@@ -1,11 +1,13 @@
 """The demo: does attention supervision make a tiny model look at the referred object?
 
     make demo         # = swim demo --config recipes/demo.yaml --out runs/demo
-    make demo-seeds   # = swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 --out runs/demo-seeds
+    make demo-seeds   # = swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 7 11 --out runs/demo-seeds
     make demo-klal    # = swim demo --config recipes/klal_demo.yaml --out runs/demo-klal   (swim.demos.klal_demo)
 
-Generates the synthetic shapes set, builds a tiny random Qwen2.5-VL, trains it twice with the same recipe,
-seed and steps — NTP only (`attn_weight: 0`) and SWIM — evaluates attention grounding on two held-out splits
+Generates the synthetic shapes set, takes the pretrained tiny base of the config's `base` (built once and cached,
+`swim.demos.pretrain`; without `base`, a tiny random Qwen2.5-VL), trains it twice with the same recipe, seed and
+steps — NTP only (`attn_weight: 0`) and SWIM — evaluates attention grounding and the shade answers (the
+task-level measure, `shade_answers`) of both runs and of the base itself on two held-out splits
 (pointing game @1 on the merged token grid of each temporal group, fused over the supervised layers): one drawn
 like the training data, and a shifted one (other frame size and aspect ratio, more frames, more objects and
 occlusion, masks on only some frames, unseen sentence templates; `shifted` in the demo config), each with its
@@ -303,7 +305,7 @@ def write_report(out: Path, report: dict, images: list[Path]) -> None:
     text = (
         f"""# SWIM demo report (seed {report["seed"]})
 
-Tiny random Qwen2.5-VL trained from scratch on synthetic videos of coloured shapes, twice with the same recipe
+{report["start"]} fine-tuned on synthetic videos of coloured shapes, twice with the same recipe
 (`{report["recipe"]}`), seed and {report["steps"]} steps: NTP only (baseline, attn_weight 0) and SWIM (next-token +
 KL attention loss on the `<ins>`-tagged shape word). Maps: head mean, renormalised per temporal group, mean over
 the supervised layers {report["layers"]}. Wall time {report["seconds"]:.0f} s.
@@ -442,6 +444,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         "splits": splits,
         "seconds": time.time() - start,
         "recipe": cfg.recipe,
+        "start": f"The pretrained tiny base `{model_dir}`" if cfg.base else "A tiny random Qwen2.5-VL",
         "steps": state["global_step"],
         "layers": layers,
         "val_records": cfg.num_val,
