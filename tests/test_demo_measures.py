@@ -116,3 +116,17 @@ def test_shades_draw_the_colour_darker_and_are_stated_in_the_answers(tmp_path):
         np.testing.assert_allclose(frame0, np.broadcast_to(expected, frame0.shape))
     with pytest.raises(ValueError, match="shades"):
         SynthConfig(shades=("bright",))
+
+
+def test_demo_config_without_shades_fails_before_training(tmp_path):
+    from pathlib import Path
+
+    from swim.demos.swim_demo import DemoConfig
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    text = (recipes / "demo.yaml").read_text().replace("  shades: [bright, dark]", "")
+    for name in ("demo_cpu.yaml", "demo_base.yaml"):
+        (tmp_path / name).write_text((recipes / name).read_text())
+    (tmp_path / "demo.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"demo\.yaml: synth\.shades"):
+        DemoConfig.from_yaml(tmp_path / "demo.yaml")

@@ -99,6 +99,20 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> Path:
     return path
 
 
+def run_seeds(cfg, args, keys: tuple[str, ...], run_demo, seeds_report) -> dict:
+    """A demo's command line: the flags in `keys` that were given override `cfg`; then one run into `args.out`,
+    or, with `args.seeds`, one run per seed into `args.out/seed_N` and the seeds report."""
+    from dataclasses import replace
+
+    for key in keys:
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    out = Path(args.out)
+    if not args.seeds:
+        return run_demo(cfg, out)
+    return seeds_report([run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds], out)
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     array = np.asarray(values, dtype=float)

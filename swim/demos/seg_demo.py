@@ -31,7 +31,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from swim.demos.common import mean_std
+from swim.demos.common import mean_std, run_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -436,11 +436,4 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = SegDemoConfig.from_yaml(args.config, quick=args.quick)
-    for key in ("max_steps", "num_train", "num_val"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    out = Path(args.out)
-    if not args.seeds:
-        return run_demo(cfg, out)
-    reports = [run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds]
-    return seeds_report(reports, out)
+    return run_seeds(cfg, args, ("max_steps", "num_train", "num_val"), run_demo, seeds_report)

@@ -25,13 +25,13 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
 
-from swim.demos.common import evaluate_run, loss_curves, mean_std, recipe_data_args
+from swim.demos.common import evaluate_run, loss_curves, mean_std, recipe_data_args, run_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class DemoConfig:
                 raise ValueError(f"{path}: pretraining config {cfg.base} not found")
             if cfg.model:
                 raise ValueError(f"{path}: `model` and `base` both set; the base's config fixes the model")
+        if len(cfg.synth.get("shades") or ()) < 2:
+            raise ValueError(
+                f"{path}: synth.shades must name at least two shades; the task-level measure reads them"
+            )
         return cfg
 
 
@@ -525,8 +529,7 @@ Per-seed reports: {", ".join(f"[seed {r['seed']}](seed_{r['seed']}/report.md)" f
 
 def run_from_args(args) -> dict:
     """`swim demo` (swim.demos.cli) with a SWIM demo config: one run, or one per seed and a summary."""
-    cfg = DemoConfig.from_yaml(args.config)
-    for key in (
+    keys = (
         "max_steps",
         "num_train",
         "num_val",
@@ -534,11 +537,5 @@ def run_from_args(args) -> dict:
         "cache_dir",
         "base_num_videos",
         "base_max_steps",
-    ):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    out = Path(args.out)
-    if not args.seeds:
-        return run_demo(cfg, out)
-    reports = [run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds]
-    return seeds_report(reports, out)
+    )
+    return run_seeds(DemoConfig.from_yaml(args.config), args, keys, run_demo, seeds_report)
