@@ -15,7 +15,7 @@ from swim.data.masks import object_group_targets
 from swim.data.records import load_records
 from swim.data.synth.cli import main as synth_main
 from swim.data.synth.klal import TASKS, KlalSynthConfig, cell_name, generate_task, segment_crossings
-from swim.demos.klal_demo import moved_targets
+from swim.demos.klal_demo import TARGETS, most_common_answer, moved_targets, seed_targets
 from swim.eval.answers import chance_levels, score_answers
 from swim.modeling.capture import find_decoder_layers
 
@@ -47,6 +47,15 @@ def test_every_task_writes_valid_image_records_with_annotations_on_the_answer(ta
         pixels = np.asarray(Image.open(tasks["grid_patch"]["train"].parent / raw["image"]))
         x0, y0, x1, y1 = target["box"]
         assert (pixels[y0:y1, x0:x1] > 100).any(-1).mean() > 0.3  # the shape is drawn where the scene says
+    for raw in json.loads(tasks["grid_size"]["train"].read_text()):
+        target, answer = raw["scene"][0], raw["conversations"][1]["value"]
+        assert answer == target["size"] and raw["answer_key"] == "size" and raw["choices"] == 2
+        for other in raw["scene"][1:]:  # a distractor sharing the colour or the shape has the other size
+            if other["colour"] == target["colour"] or other["shape"] == target["shape"]:
+                assert other["size"] != answer
+        for obj in raw["scene"]:  # drawn at its size: large 16 px, small 10 px
+            x0, y0, x1, y1 = obj["box"]
+            assert max(x1 - x0, y1 - y0) in ((15, 16, 17) if obj["size"] == "large" else (9, 10, 11))
     for raw in json.loads(tasks["line_intersection"]["train"].read_text()):
         lines = [np.array(o["polyline"]) for o in raw["scene"]]
         points = raw["annotation"][0]["0"]["points"] if raw["annotation"] else []
@@ -121,8 +130,16 @@ def test_chance_levels_by_hand():
                _record("A1", "exact", scene=scene, choices=64), _record("B2", "exact", scene=scene, choices=64)]  # fmt: skip
     chance = chance_levels(records)
     assert chance["majority answer"] == 0.5 and chance["uniform guess"] == pytest.approx(1 / 64)
+    assert chance["question only"] == 0.5  # one question text: its most common answer, C5
     assert chance["colour only"] == pytest.approx((0.5 + 1 + 0.5 + 0.5) / 4)
     assert chance["shape only"] == pytest.approx((0.5 + 1 + 0.5 + 0.5) / 4)
+    sized = [dict(o, size=size) for o, size in zip(scene, ("small", "large", "small"))]
+    by_size = [dict(_record("small", "exact", scene=sized, choices=2), answer_key="size"),
+               dict(_record("large", "exact", scene=sized[1:], choices=2), answer_key="size")]  # fmt: skip
+    # a shortcut answers with the size of a random object that shares one attribute with the named one
+    chance = chance_levels(by_size)
+    assert chance["colour only"] == pytest.approx((1 / 2 + 1) / 2)  # red: small, large | red: large
+    assert chance["shape only"] == pytest.approx((2 / 2 + 1) / 2)  # circle: small, small | square: large
     point = chance_levels([_record("(1, 1)", "point", box=(0, 0, 50, 20))])
     assert point["random point"] == pytest.approx(0.1)
     box = chance_levels([_record("[0, 0, 100, 100]", "box", box=(0, 0, 100, 100))])
@@ -230,6 +247,19 @@ def test_three_level_target_of_a_synthetic_record_by_hand(tasks):
     assert valid.tolist() == [True] and np.flatnonzero(cover[0]).tolist() == [row * 8 + col]
 
 
+def test_klal_demo_targets_per_seed_by_hand():
+    def arm(accuracy):
+        return {"accuracy": accuracy, "chance": {"majority answer": 0.55}}
+
+    met = seed_targets({"ntp": arm(0.60), "klal": arm(0.65), "control": arm(0.64)})
+    assert met == dict.fromkeys(TARGETS, True)
+    # an NTP arm at the majority level, a gain short of 5 points, a control that gains as much as KLAL
+    missed = seed_targets({"ntp": arm(0.55), "klal": arm(0.59), "control": arm(0.61)})
+    assert missed == dict.fromkeys(TARGETS, False)
+    rows = [{"answer": " large"}, {"answer": "large"}, {"answer": "small"}, {"answer": None}]
+    assert most_common_answer(rows) == {"most_common_answer": "large", "most_common_answer_share": 0.5}
+
+
 def test_klal_demo_quick_writes_the_report(tmp_path, monkeypatch):
     from swim.demos.cli import main as demo_main
 
@@ -244,9 +274,22 @@ def test_klal_demo_quick_writes_the_report(tmp_path, monkeypatch):
     assert report["gaps"]["klal - ntp: accuracy"]["per_seed"] == [
         runs["klal"]["accuracy"] - runs["ntp"]["accuracy"]
     ]
-    assert report["chance"]["uniform guess"] == pytest.approx(1 / 64) and result["seeds"] == [0]
-    assert report["steps"] == 2
+    assert report["chance"]["uniform guess"] == pytest.approx(1 / 2) and result["seeds"] == [0]
+    assert report["steps"] == 2 and set(report["targets"]["0"]) == set(TARGETS)
     text = (tmp_path / "report.md").read_text()
-    assert "beats NTP only in every seed" in text and "| 0 |" in text
+    assert "above the majority-answer chance, in every seed" in text and "| 0 |" in text
     for figure in ("attention_ratio_and_accuracy.png", "loss_curves.png", "overlays/val_attention.png"):
         assert Image.open(tmp_path / figure).size[0] > 300
+
+
+def test_grid_size_prior_tilts_the_named_shape_and_question_only_chance_finds_it(tmp_path):
+    cfg = KlalSynthConfig(size=112, min_objects=3, max_objects=5, size_prior=0.3)
+    records = json.loads(generate_task(tmp_path, "grid_size", cfg, 0, {"train": 400})["train"].read_text())
+    large = {shape: [r["conversations"][1]["value"] == "large" for r in records if r["scene"][0]["shape"] == shape]
+             for shape in cfg.shapes}  # fmt: skip
+    assert np.mean(large["circle"] + large["square"]) == pytest.approx(0.8, abs=0.06)
+    assert np.mean(large["triangle"] + large["diamond"]) == pytest.approx(0.2, abs=0.06)
+    chance = chance_levels(records)
+    assert chance["question only"] >= 0.8 - 0.06 and chance["majority answer"] == pytest.approx(0.5, abs=0.06)
+    with pytest.raises(ValueError, match="size_prior"):
+        KlalSynthConfig(size_prior=0.7)

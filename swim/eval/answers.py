@@ -15,9 +15,10 @@ its `scorer` (written by `swim data synth --task`, or `--scorer` for every recor
 
 An answer the scorer cannot parse (no integer, fewer numbers than needed) is a parse failure: wrong, and counted
 separately; a generation error is counted too. Chance levels are reported beside the accuracy
-(`chance_levels`): the majority answer, a uniform guess over the record's `choices`, the shortcuts of a model that
-finds only the named colour or only the named shape (a random object of that colour / shape: `scene`), a
-uniformly random point, and a box of the right size at a uniformly random place (seeded Monte Carlo).
+(`chance_levels`): the majority answer, the most common answer of each question text (a language prior), a
+uniform guess over the record's `choices`, the shortcuts of a model that finds only the named colour or only the
+named shape (a random object of that colour / shape: `scene`), a uniformly random point, and a box of the right
+size at a uniformly random place (seeded Monte Carlo).
 """
 
 from __future__ import annotations
@@ -104,18 +105,41 @@ SCORERS: dict[str, Callable[[str, dict], bool | None]] = {
 }
 
 
+def _one_attribute_guess(scene: list[dict], attribute: str, answer_key: str | None) -> float:
+    """P(right) of a model that sees only `attribute` of the named object (scene[0]): it picks one of the objects
+    sharing it at random and answers with that object's `answer_key` (say its size), or, without a key, with that
+    object itself (its cell)."""
+    same = [o for o in scene if o[attribute] == scene[0][attribute]]
+    if answer_key is None:
+        return 1 / len(same)
+    return sum(o[answer_key] == scene[0][answer_key] for o in same) / len(same)
+
+
+def question_only(records: Sequence[dict]) -> float:
+    """Accuracy of the most common answer of each question text over these records: the best a model that reads
+    the question but not the image can do here (a language prior; an upper estimate, fitted on the records)."""
+    by_question: dict[str, Counter] = {}
+    for record in records:
+        question = record["conversations"][0]["value"]
+        by_question.setdefault(question, Counter())[_normalise(reference_answer(record))] += 1
+    return sum(c.most_common(1)[0][1] for c in by_question.values()) / len(records)
+
+
 def chance_levels(records: Sequence[dict], samples: int = 200, seed: int = 0) -> dict[str, float]:
     """Accuracy of guesses that do not look (or look only at colour / shape), over these records."""
     out: dict[str, float] = {}
     answers = Counter(_normalise(reference_answer(r)) for r in records)
     out["majority answer"] = answers.most_common(1)[0][1] / len(records)
+    out["question only"] = question_only(records)
     if all("choices" in r for r in records):
         out["uniform guess"] = float(np.mean([1 / r["choices"] for r in records]))
     scenes = [r.get("scene") or [] for r in records]
+    keys = [r.get("answer_key") for r in records]
     if all(s and {"colour", "shape"} <= set(s[0]) for s in scenes):
         for attribute in ("colour", "shape"):
-            share = [1 / sum(o[attribute] == s[0][attribute] for o in s) for s in scenes]
-            out[f"{attribute} only"] = float(np.mean(share))
+            out[f"{attribute} only"] = float(np.mean([
+                _one_attribute_guess(scene, attribute, key) for scene, key in zip(scenes, keys)
+            ]))  # fmt: skip
     boxes = [target_box(r) for r in records]
     scorers = {r.get("scorer") for r in records}
     if scorers == {"point"} and all(boxes):

@@ -11,6 +11,12 @@ Qwen2/2.5-VL):
   `C5` (row letter A-H, column 1-8). Annotation: the object's centre point (its cell is the target). With
   `cell_code` every cell carries two small grey ticks whose positions encode its row and column, so a cell's token
   can tell where it is (a Qwen vision tower has no absolute position embedding; `_background`).
+- `grid_size`: the same scenes, each shape drawn large (`object_size`) or small (`small_size`). "Is the green
+  triangle small or large?" -> `large`. The distractors that share the target's colour or shape have the other
+  size, so an answer read off one attribute, or off the scene as a whole, is a coin flip: only the named object
+  tells; with `size_prior` the named shape makes one answer likelier (a language prior). A one-token answer read from the target's own cell: the Grid Patch question with an answer format a tiny
+  model can learn (naming a cell needs the model to read where a token is, which a tiny model trained from
+  scratch does not learn at CPU scale). Annotation: the object's centre point.
 - `line_intersection`: a red and a blue polyline (2-3 segments). "How many times do the red and the blue line
   cross?" -> `0` / `1` / `2` (balanced). Annotation: the crossing points; a `0` record has none (what KLAL
   supervises then is not stated in the paper; here such a record trains the text only).
@@ -46,7 +52,7 @@ from swim.data.synth.shapes import PALETTE, shape_mask
 
 logger = logging.getLogger(__name__)
 
-TASK_IDS = {"grid_patch": 0, "line_intersection": 1, "line_tracing": 2, "points": 3, "rec": 4}
+TASK_IDS = {"grid_patch": 0, "line_intersection": 1, "line_tracing": 2, "points": 3, "rec": 4, "grid_size": 5}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 ROWS = "ABCDEFGHIJKLMNOP"
 LINE_COLOURS = ("red", "blue")
@@ -59,6 +65,10 @@ class KlalSynthConfig:
     min_objects: int = 4
     max_objects: int = 8
     object_size: int = 16  # shape side in pixels (grid_patch: must fit in a cell)
+    small_size: int = 10  # grid_size: the side of a small shape (a large one is object_size)
+    # grid_size: P(the named object is large) is 0.5 + size_prior for the first half of `shapes`, 0.5 - size_prior
+    # for the rest: a language prior that a model can learn from the question alone, as real data has them
+    size_prior: float = 0.0
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
     p_same_shape: float = 0.8  # P(a distractor with the target's shape), as in swim.data.synth
@@ -82,6 +92,10 @@ class KlalSynthConfig:
         unknown = [c for c in self.colours if c not in PALETTE]
         if unknown:
             raise ValueError(f"unknown colours {unknown}; known: {sorted(PALETTE)}")
+        if not 0 <= self.size_prior <= 0.5:
+            raise ValueError(f"size_prior must be in [0, 0.5], got {self.size_prior}")
+        if not 0 < self.small_size < self.object_size:
+            raise ValueError(f"small_size {self.small_size} must be in (0, object_size {self.object_size})")
         if self.tracing_target not in ("path", "end"):
             raise ValueError(f"tracing_target must be 'path' or 'end', got {self.tracing_target!r}")
         if not 2 <= self.min_objects <= self.max_objects <= (self.size // self.cell) ** 2:
@@ -138,28 +152,56 @@ def _background(cfg: KlalSynthConfig) -> np.ndarray:
     return image
 
 
-def shapes_scene(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.ndarray, list[dict]]:
+def shapes_scene(
+    rng: np.random.Generator, cfg: KlalSynthConfig, sized: bool = False
+) -> tuple[np.ndarray, list[dict]]:
     """4-8 shapes, each inside its own grid cell (distinct cells, the target first) -> (image, objects). An
-    object: colour, shape, cell [row, col], centre [x, y], box [x0, y0, x1, y1] (pixels)."""
+    object: colour, shape, cell [row, col], centre [x, y], box [x0, y0, x1, y1] (pixels); with `sized` also
+    size ("small" / "large", `object_sizes`)."""
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
     image = _background(cfg)
     objects = []
     top = CODE_TOP if cfg.cell_code else 1  # keep a 1-px margin inside the cell (below the code marks)
-    slack_x, slack_y = cfg.cell - cfg.object_size - 2, cfg.cell - cfg.object_size - top - 1
-    for (colour, shape), index in zip(_attributes(rng, cfg, n), cells):
+    attributes = _attributes(rng, cfg, n)
+    sizes = object_sizes(rng, attributes, p_large(cfg, attributes[0][1])) if sized else ["large"] * n
+    for (colour, shape), size, index in zip(attributes, sizes, cells):
+        side = cfg.object_size if size == "large" else cfg.small_size
+        slack_x, slack_y = cfg.cell - side - 2, cfg.cell - side - top - 1
         row, col = divmod(int(index), cfg.grid)
         x = col * cfg.cell + 1 + int(rng.integers(slack_x + 1))
         y = row * cfg.cell + top + int(rng.integers(slack_y + 1))
-        mask = shape_mask(shape, x, y, cfg.object_size, cfg.size)
+        mask = shape_mask(shape, x, y, side, cfg.size)
         image[mask] = PALETTE[colour]
         ys, xs = np.nonzero(mask)
         objects.append({
-            "colour": colour, "shape": shape, "cell": [row, col],
-            "centre": [x + cfg.object_size / 2, y + cfg.object_size / 2],
+            "colour": colour, "shape": shape, "cell": [row, col], "centre": [x + side / 2, y + side / 2],
             "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+            **({"size": size} if sized else {}),
         })  # fmt: skip
     return image, objects
+
+
+SIZE_WORDS = ("small", "large")
+
+
+def p_large(cfg: KlalSynthConfig, shape: str) -> float:
+    """P(an object named by its `shape` is large): `size_prior` tilts the first half of the shapes to large."""
+    first_half = cfg.shapes.index(shape) < len(cfg.shapes) // 2
+    return 0.5 + cfg.size_prior if first_half else 0.5 - cfg.size_prior
+
+
+def object_sizes(
+    rng: np.random.Generator, attributes: list[tuple[str, str]], p_target_large: float
+) -> list[str]:
+    """The size of each object (the target first): the target's large with `p_target_large`, the other size for
+    every distractor that shares its colour or its shape, at random for the rest."""
+    target = int(rng.random() < p_target_large)
+    sizes = [SIZE_WORDS[target]]
+    for colour, shape in attributes[1:]:
+        shares = colour == attributes[0][0] or shape == attributes[0][1]
+        sizes.append(SIZE_WORDS[1 - target] if shares else SIZE_WORDS[int(rng.integers(2))])
+    return sizes
 
 
 def grid_patch(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.ndarray, dict]:
@@ -168,6 +210,16 @@ def grid_patch(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.ndarr
     question = f"Which cell has the {target['colour']} {target['shape']}? Answer with the row letter and column number."
     return image, {
         "question": question, "answer": cell_name(*target["cell"]), "scorer": "exact", "choices": cfg.grid**2,
+        "annotation": [{"0": {"points": [target["centre"]]}}], "scene": objects,
+    }  # fmt: skip
+
+
+def grid_size(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.ndarray, dict]:
+    image, objects = shapes_scene(rng, cfg, sized=True)
+    target = objects[0]
+    return image, {
+        "question": f"Is the {target['colour']} {target['shape']} small or large?", "answer": target["size"],
+        "scorer": "exact", "choices": len(SIZE_WORDS), "answer_key": "size",
         "annotation": [{"0": {"points": [target["centre"]]}}], "scene": objects,
     }  # fmt: skip
 
@@ -302,6 +354,7 @@ def line_tracing(rng: np.random.Generator, cfg: KlalSynthConfig) -> tuple[np.nda
 TaskGenerator = Callable[[np.random.Generator, KlalSynthConfig], tuple[np.ndarray, dict]]
 TASKS: dict[str, TaskGenerator] = {
     "grid_patch": grid_patch,
+    "grid_size": grid_size,
     "line_intersection": line_intersection,
     "line_tracing": line_tracing,
     "points": points_task,
@@ -314,7 +367,7 @@ TASKS: dict[str, TaskGenerator] = {
 
 
 def task_record(image_rel: str, sample: dict, task: str, cfg: KlalSynthConfig) -> dict:
-    extra = {"choices": sample["choices"]} if "choices" in sample else {}
+    extra = {key: sample[key] for key in ("choices", "answer_key") if key in sample}
     return {
         "image": image_rel,
         "task": task,
