@@ -31,6 +31,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -337,7 +338,8 @@ def overlay_grid(handles: dict[str, tuple], count: int, recipe: dict, path: Path
                                  recipe.get("attn_head_fusion", "mean")) for arm, (model, data) in handles.items()}  # fmt: skip
         first = maps[arms[0]]
         axes[0, c].imshow(first.frames[0])
-        axes[0, c].set_title(record.turns()[0].text.split("?")[0][-28:] + "?", fontsize=6)
+        question = record.turns()[0].text.split("?")[0] + "?"
+        axes[0, c].set_title("\n".join(textwrap.wrap(question, 30)), fontsize=6)
         for r, arm in enumerate(arms, start=1):
             image = heat_overlay(first.frames[0], maps[arm].maps["fused"][0])
             image[mask_outline(first.target[0], first.frames[0].shape[:2], threshold=1e-6)] = 255
