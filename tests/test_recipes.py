@@ -81,7 +81,7 @@ def test_klal_recipes_have_klal_settings(tmp_path, monkeypatch):
     from swim.demos.klal_demo import KlalDemoConfig
 
     demo = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml")
-    assert Path(demo.recipe).name == "klal_cpu.yaml" and len(demo.seeds) >= 3 and demo.task == "grid_patch"
+    assert Path(demo.recipe).name == "klal_cpu.yaml" and len(demo.seeds) >= 3 and demo.task == "grid_size"
     quick = KlalDemoConfig.from_yaml(ROOT / "recipes" / "klal_demo.yaml", quick=True)
     assert quick.max_steps is not None and quick.num_train < demo.num_train
     monkeypatch.chdir(ROOT)
