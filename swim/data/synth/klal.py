@@ -14,9 +14,10 @@ Qwen2/2.5-VL):
 - `grid_size`: the same scenes, each shape drawn large (`object_size`) or small (`small_size`). "Is the green
   triangle small or large?" -> `large`. The distractors that share the target's colour or shape have the other
   size, so an answer read off one attribute, or off the scene as a whole, is a coin flip: only the named object
-  tells; with `size_prior` the named shape makes one answer likelier (a language prior). A one-token answer read from the target's own cell: the Grid Patch question with an answer format a tiny
-  model can learn (naming a cell needs the model to read where a token is, which a tiny model trained from
-  scratch does not learn at CPU scale). Annotation: the object's centre point.
+  tells; with `size_prior` the named shape makes one answer likelier (a language prior). A one-token answer
+  read from the target's own cell: the Grid Patch question with an answer format a tiny model can learn
+  (naming a cell needs the model to read where a token is, which a tiny model trained from scratch does not
+  learn at CPU scale). Annotation: the object's centre point.
 - `line_intersection`: a red and a blue polyline (2-3 segments). "How many times do the red and the blue line
   cross?" -> `0` / `1` / `2` (balanced). Annotation: the crossing points; a `0` record has none (what KLAL
   supervises then is not stated in the paper; here such a record trains the text only).
