@@ -7,7 +7,8 @@ A seeded reproduction of the KL attention loss paper's claim on one of its synth
 `grid_size` in `recipes/klal_demo.yaml`, the Grid Patch scenes with a one-token answer that a tiny model can learn;
 `grid_patch` itself stays at the uniform-guess level in every arm at this scale), at CPU scale. Per seed (the
 seed sets the data, the tiny model's initialisation and training): generate the task's train and held-out
-images, build a tiny random Qwen2.5-VL, and train it three times with the same recipe (`recipes/klal_cpu.yaml`), data order and steps:
+images, build a tiny random Qwen2.5-VL, and train it three times with the same recipe (`recipes/klal_cpu.yaml`),
+data order and steps:
 
 - `ntp`: next-token loss only (`attn_weight: 0`);
 - `klal`: next-token + KL attention loss (the recipe: last answer token, three-level map, per-layer KL, λ = 1);
