@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval rvos": ("swim.eval.rvos", "referring video segmentation: J, F, J&F (segmentation head)"),
     "eval refcoco": ("swim.eval.refcoco", "referring image segmentation: cIoU, gIoU (segmentation head)"),
     "seg tiny-sam2": ("swim.seg.sam2", "write a tiny random SAM-2 checkpoint (tests, CPU demo)"),
+    "seg pretrain-sam2": (
+        "swim.demos.sam_base",
+        "the segmentation demo's class-agnostic tiny SAM-2 (point prompts -> masks), cached by hash",
+    ),
     "seg demo": (
         "swim.demos.seg_demo",
         "segmentation head: Sa2VA baseline vs MBA with three priors, J&F report",

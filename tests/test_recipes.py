@@ -15,6 +15,7 @@ DEMO_CONFIGS = (
     "demo_base.yaml",
     "klal_demo.yaml",
     "seg_demo.yaml",
+    "seg_sam_base.yaml",
 )  # demo drivers' configs, not training recipes
 TRAIN_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name not in DEMO_CONFIGS)
 

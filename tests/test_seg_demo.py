@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "seg_demo.yaml"
 RUN_FIELDS = {"J", "F", "JF", "expressions", "distractor_share", "pointing_game", "mba_gamma"}
 REPORT_FIELDS = {"seed", "runs", "references", "steps", "seconds", "train_seconds", "recipe", "demo_config",
-                 "load_average", "train_cpu_seconds"}  # fmt: skip
+                 "load_average", "train_cpu_seconds", "starts"}  # fmt: skip
 SUMMARY_FIELDS = {"J", "F", "JF", "distractor_share", "pointing_game"}
 
 
@@ -34,7 +34,8 @@ def in_unit_range(value) -> bool:
 def test_quick_block_shrinks_sizes_and_keeps_the_full_demo_as_it_was():
     full, quick = SegDemoConfig.from_yaml(CONFIG), SegDemoConfig.from_yaml(CONFIG, quick=True)
     assert (full.num_train, full.num_val, full.max_steps, full.parallel, full.seed) == (400, 100, None, 2, 0)
-    assert full.sam == {"size": 128, "hidden": 64} and full.model["hidden_size"] == 128
+    assert full.base.endswith("demo_base.yaml") and full.sam_base.endswith("seg_sam_base.yaml")
+    assert (quick.base, quick.sam_base) == (None, None) and quick.model["hidden_size"] == 64
     assert quick.runs == full.runs and quick.recipe == full.recipe and quick.seed == full.seed
     assert quick.num_train < full.num_train and quick.num_val < full.num_val and quick.max_steps is not None
     assert "quick" not in asdict(full)  # the block never reaches the report's demo_config
@@ -124,3 +125,55 @@ def test_quick_seeds_report_has_the_per_seed_table(quick_run):
         jf = seed["runs"][name]["JF"]
         assert f"| `{name}` | {jf:.3f} | {jf:.3f} ± 0.000 |" in text
     assert "[seed 0](seed_0/report.md)" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: none.yaml\n", "base config .*none.yaml not found"),
+        ("sam_base: none.yaml\n", "sam_base config .*none.yaml not found"),
+        ("base: base.yaml\nmodel: {hidden_size: 64}\n", "`model` and `base` both set"),
+        ("sam_base: sam.yaml\nsam: {size: 128}\n", "`sam` and `sam_base` both set"),
+    ],
+)
+def test_pretrained_starts_are_checked_naming_the_file(tmp_path, text, message):
+    for name in ("seg_demo_cpu.yaml", "base.yaml", "sam.yaml"):
+        (tmp_path / name).write_text("{}\n")
+    config = tmp_path / "demo.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=str(config).replace(".", r"\.") + ".*" + message):
+        SegDemoConfig.from_yaml(config)
+
+
+def test_demo_starts_from_the_cached_pretrained_llm_and_sam(tmp_path):
+    """The shipped demo's path: the LLM from `swim pretrain`'s base, SAM-2 from `swim seg pretrain-sam2`'s, both
+    built into the cache once (toy sizes here) and named in the report; the trained head holds that SAM-2."""
+    import shutil
+
+    import yaml
+    from transformers import Sam2Config
+
+    for name in ("seg_demo_cpu.yaml", "demo_base.yaml", "demo_base_cpu.yaml", "seg_sam_base.yaml"):
+        shutil.copy(ROOT / "recipes" / name, tmp_path / name)
+    base = yaml.safe_load((tmp_path / "demo_base.yaml").read_text())
+    base |= {"num_videos": 4, "max_steps": 2}
+    (tmp_path / "demo_base.yaml").write_text(yaml.safe_dump(base))
+    sam = yaml.safe_load((tmp_path / "seg_sam_base.yaml").read_text())
+    sam |= {"num_scenes": 4, "num_val": 4, "steps": 2, "batch_size": 2, "hidden": 32}
+    (tmp_path / "seg_sam_base.yaml").write_text(yaml.safe_dump(sam))
+    shipped = yaml.safe_load(CONFIG.read_text())
+    config = {k: shipped[k] for k in ("recipe", "base", "sam_base", "synth")}
+    config |= {"cache_dir": str(tmp_path / "cache"), "num_train": 4, "num_val": 2, "max_steps": 2,
+               "runs": {BASELINE: {"mba_mode": "off"}}}  # fmt: skip
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+
+    report = main(["--config", str(tmp_path / "demo.yaml"), "--out", str(tmp_path / "out")])
+    llm_base = next((tmp_path / "cache").glob("base-*"))
+    sam_base = next((tmp_path / "cache").glob("sam2-*"))
+    assert str(llm_base) in report["starts"]["llm"] and "vision tower frozen" in report["starts"]["llm"]
+    assert str(sam_base) in report["starts"]["sam"] and "image encoder frozen" in report["starts"]["sam"]
+    head_sam = Sam2Config.from_pretrained(tmp_path / "out" / BASELINE / "seg_head" / "sam2")
+    assert (
+        head_sam.mask_decoder_config.hidden_size == 32
+    )  # the toy SAM-2 base's width, not the random default
+    assert report["starts"]["llm"] in (tmp_path / "out" / "report.md").read_text()

@@ -80,11 +80,13 @@ def test_seg_off_trains_bit_identically_to_the_code_before_the_head(tiny_ckpt, d
 
 
 def seg_args(ckpt, data, out_dir, *extra):
+    """The segmentation recipe at toy size, with SAM-2's encoder trained (the recipe freezes it) so that every
+    trainable path of the head runs."""
     train, sam = data
     return ["--config", str(SEG_RECIPE), *common(ckpt, train, out_dir, "--seg_sam", str(sam), "--max_steps", "4",
             "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3", "--mba_mode", "fixed",
             "--mba_prior", "swim_attn", "--mba_heads", "4", "--mba_warmup_ratio", "0.25", "--aux_warmup_ratio", "0",
-            *extra)]  # fmt: skip
+            "--seg_freeze_encoder", "false", *extra)]  # fmt: skip
 
 
 def seg_logs(trainer):

@@ -4,6 +4,7 @@ training-curve plots, mean ± standard deviation over seeds."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -111,6 +112,17 @@ def run_seeds(cfg, args, keys: tuple[str, ...], run_demo, seeds_report) -> dict:
     if not args.seeds:
         return run_demo(cfg, out)
     return seeds_report([run_demo(replace(cfg, seed=seed), out / f"seed_{seed}") for seed in args.seeds], out)
+
+
+def publish(built: Path, final: Path, done_file: str) -> None:
+    """Move a finished build to its cache folder by an atomic rename; if another process published the same
+    content first (`final/done_file` exists), keep theirs and drop this one."""
+    try:
+        built.rename(final)
+    except OSError:
+        if not (final / done_file).exists():
+            raise
+        shutil.rmtree(built, ignore_errors=True)
 
 
 def mean_std(values) -> tuple[float, float]:

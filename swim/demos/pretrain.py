@@ -80,6 +80,7 @@ def build_base(cfg: PretrainConfig, cache_dir: str | Path) -> Path:
     """The pretrained base of `cfg`: reused from `cache_dir` when built before, else built there (data ->
     tiny model -> next-token training) and published by an atomic rename. Returns the checkpoint folder."""
     from swim.data.synth.shapes import SynthConfig, generate
+    from swim.demos.common import publish
     from swim.tiny import build_tiny_checkpoint
 
     found = cached_base(cfg, cache_dir)
@@ -120,11 +121,7 @@ def build_base(cfg: PretrainConfig, cache_dir: str | Path) -> Path:
         "seconds": time.time() - start,
     }
     (run_dir / DONE_FILE).write_text(json.dumps(summary, indent=2))
-    try:
-        run_dir.rename(final)
-    except OSError:  # another process published the same base first: keep theirs
-        if cached_base(cfg, cache_dir) is None:
-            raise
+    publish(run_dir, final, DONE_FILE)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("pretrained base: %s (%.0f s, final token accuracy %s)", final, summary["seconds"],
                 summary["final_train_token_accuracy"])  # fmt: skip

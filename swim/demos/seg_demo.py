@@ -4,9 +4,12 @@
     make demo-seg-sweep   # = swim seg demo --config recipes/seg_demo.yaml --seeds 0 1 2 --out runs/demo-seg-sweep
     swim seg demo --config recipes/seg_demo.yaml --quick --seeds 0 --out /tmp/s   # toy sizes, every arm (tests)
 
-A tiny random Qwen2.5-VL (the `make demo` model) and a tiny random SAM-2 (128 px, decoder width 64) are trained
-from scratch, jointly, on the synthetic shapes set with the SWIM attention loss on, once per variant (same recipe,
-data and seed; `runs` in the demo config):
+Two pretrained tiny models, each built once and cached by content hash like a released checkpoint, are fine-tuned
+jointly on `make demo`'s synthetic videos with the SWIM attention loss on, once per variant (same recipe, data and
+seed; `runs` in the demo config): the LLM is `make demo`'s base (`base`, swim.demos.pretrain; vision tower frozen),
+SAM-2 a tiny one pretrained on prompts -> masks and on labelling what covers each embedding cell (`sam_base`,
+swim.demos.sam_base; image encoder frozen, as Sa2VA freezes SAM-2's). Without `base` / `sam_base` both start from
+random weights (the `--quick` sizes do). The runs:
 - `seg`: the Sa2VA baseline — the tagged word's last-layer state prompts SAM-2's decoder;
 - `mba_prepass`: + MBA with the paper's class-agnostic prior (a prompt-free decoder pass);
 - `mba_none`: + MBA with no prior (G = 1): the control — a gain here is the extra cross-attention, not the prior;
@@ -62,6 +65,10 @@ REFERENCES = {
 @dataclass
 class SegDemoConfig:
     recipe: str = "seg_demo_cpu.yaml"  # relative to the demo config's folder
+    recipe_overrides: dict = field(default_factory=dict)  # settings of `recipe` changed for every run
+    base: str | None = None  # `swim pretrain` config: the LLM starts from its cached base
+    sam_base: str | None = None  # `swim seg pretrain-sam2` config: SAM-2 starts from its cached base
+    cache_dir: str = "runs/cache"  # where pretrained checkpoints are kept
     seed: int = 0
     num_train: int = 400
     num_val: int = 100
@@ -91,6 +98,15 @@ class SegDemoConfig:
         cfg.recipe = str(Path(path).parent / cfg.recipe)
         if not Path(cfg.recipe).exists():
             raise ValueError(f"{path}: recipe {cfg.recipe} not found")
+        for key in ("base", "sam_base"):
+            if getattr(cfg, key) is not None:
+                setattr(cfg, key, str(Path(path).parent / getattr(cfg, key)))
+                if not Path(getattr(cfg, key)).exists():
+                    raise ValueError(f"{path}: {key} config {getattr(cfg, key)} not found")
+        if cfg.base is not None and cfg.model:
+            raise ValueError(f"{path}: `model` and `base` both set; the base's config fixes the model")
+        if cfg.sam_base is not None and "sam" in data:
+            raise ValueError(f"{path}: `sam` and `sam_base` both set; the SAM-2 base's config fixes SAM-2")
         if BASELINE not in cfg.runs:
             raise ValueError(f"{path}: runs must include the baseline {BASELINE!r}")
         return cfg
@@ -130,7 +146,7 @@ def train_runs(
             cmd = [sys.executable, "-m", "swim.train", "--config", cfg.recipe, "--model_name_or_path", str(model_dir),
                    "--data_config", str(train_json), "--seg_sam", str(sam_dir), "--output_dir", str(run_dir),
                    "--seed", str(cfg.seed), "--data_seed", str(cfg.seed)]  # fmt: skip
-            for key, value in overrides.items():
+            for key, value in {**cfg.recipe_overrides, **overrides}.items():
                 cmd += [f"--{key}", str(value)]
             if cfg.max_steps is not None:
                 cmd += ["--max_steps", str(cfg.max_steps)]
@@ -281,15 +297,27 @@ def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
     paths = generate(
         out / "data", SynthConfig(**cfg.synth), cfg.seed, {"train": cfg.num_train, "val": cfg.num_val}
     )
-    model_dir = build_tiny_checkpoint(out / "tiny", seed=cfg.seed, **cfg.model)
-    sam_dir = build_tiny_sam2(out / "tiny_sam2", seed=cfg.seed, **cfg.sam)
+    if cfg.base is not None:  # one fixed pretrained LLM for every seed and run (swim.demos.pretrain)
+        from swim.demos.pretrain import PretrainConfig, build_base
+
+        model_dir = build_base(PretrainConfig.from_yaml(cfg.base), cfg.cache_dir)
+    else:
+        model_dir = build_tiny_checkpoint(out / "tiny", seed=cfg.seed, **cfg.model)
+    if (
+        cfg.sam_base is not None
+    ):  # one fixed class-agnostic SAM-2 for every seed and run (swim.demos.sam_base)
+        from swim.demos.sam_base import SamBaseConfig, build_sam_base
+
+        sam_dir = build_sam_base(SamBaseConfig.from_yaml(cfg.sam_base), cfg.cache_dir)
+    else:
+        sam_dir = build_tiny_sam2(out / "tiny_sam2", seed=cfg.seed, **cfg.sam)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run_dirs = train_runs(cfg, out, model_dir, sam_dir, paths["train"])
     trained = time.time()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # + this seed's training subprocesses, all finished
     train_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
-    data_args, recipe = recipe_data_args(cfg.recipe)
+    data_args, recipe = recipe_data_args(cfg.recipe, cfg.recipe_overrides)
     from transformers import Sam2Config
 
     references = reference_levels(paths["val"], mask_size(Sam2Config.from_pretrained(sam_dir)))
@@ -304,11 +332,38 @@ def run_demo(cfg: SegDemoConfig, out: Path, n_overlays: int = 2) -> dict:
     images = overlays(run_dirs, paths["val"], data_args, out, n_overlays)
     state = json.loads((run_dirs[BASELINE] / "trainer_state.json").read_text())
     report = {"seed": cfg.seed, "runs": results, "references": references, "steps": state["global_step"],
+              "starts": starting_points(cfg, model_dir, sam_dir),
               "seconds": time.time() - start, "train_seconds": trained - start, "recipe": cfg.recipe,
               "demo_config": asdict(cfg), "load_average": os.getloadavg()[0],
               "train_cpu_seconds": train_cpu}  # fmt: skip
     write_report(out, report, images)
     return report
+
+
+def starting_points(cfg: SegDemoConfig, model_dir: Path, sam_dir: Path) -> dict[str, str]:
+    """One line each on where the LLM and SAM-2 started and what of them trains (for the report)."""
+    recipe = {**(yaml.safe_load(Path(cfg.recipe).read_text()) or {}), **cfg.recipe_overrides}
+    if cfg.base is not None:
+        llm = f"the pretrained tiny base `{model_dir}` (next-token only, `swim pretrain`)"
+    else:
+        llm = "a tiny random Qwen2.5-VL"
+    llm += ", its vision tower " + ("frozen" if _true(recipe.get("freeze_vision_tower")) else "trained")
+    if cfg.sam_base is not None:
+        built = json.loads((Path(sam_dir) / "sam_base.json").read_text())
+        shapes = built.get("held_out_shape_accuracy")
+        sam = (f"the pretrained tiny SAM-2 `{sam_dir}` (`swim seg pretrain-sam2`: {built['config']['prompt']} prompts "
+               f"-> masks, held-out IoU {built['held_out_iou']:.3f}"
+               + (f"; shape of each embedding cell, held-out accuracy {shapes:.3f}" if shapes is not None else "")
+               + ")")  # fmt: skip
+    else:
+        sam = "a tiny random SAM-2"
+    sam += ", its image encoder " + ("frozen" if _true(recipe.get("seg_freeze_encoder", True)) else "trained")
+    return {"llm": llm, "sam": sam}
+
+
+def _true(value) -> bool:
+    """A recipe flag given in YAML (bool) or on a command line (string)."""
+    return str(value).lower() == "true"
 
 
 def _table(runs: dict[str, dict], references: dict[str, dict]) -> str:
@@ -334,9 +389,9 @@ def write_report(out: Path, report: dict, images: list[Path]) -> None:
     )
     text = f"""# Segmentation demo (seed {report["seed"]})
 
-Tiny random Qwen2.5-VL + tiny random SAM-2 trained from scratch, jointly, on synthetic videos of coloured shapes
-(`{Path(report["recipe"]).name}`, {report["steps"]} steps, SWIM attention loss on in every run); {cfg["num_val"]}
-held-out videos, every frame decoded independently, J / F / J&F as DAVIS defines them (RVOS practice: per
+The LLM starts from {report["starts"]["llm"]}; SAM-2 from {report["starts"]["sam"]}. Both are fine-tuned
+jointly on synthetic videos of coloured shapes (`{Path(report["recipe"]).name}`, {report["steps"]} steps, SWIM
+attention loss on in every run); {cfg["num_val"]} held-out videos, every frame decoded independently, J / F / J&F as DAVIS defines them (RVOS practice: per
 expression, all frames). Runs: {", ".join(f"`{k}` {v}" for k, v in cfg["runs"].items())}.
 Wall time {report["seconds"]:.0f} s (training {report["train_seconds"]:.0f} s, {report["train_cpu_seconds"]:.0f} CPU
 seconds over the runs; load average at the end {report["load_average"]:.1f} on this machine).

@@ -75,6 +75,19 @@ def tiny_sam2_video_config(size: int = 128, hidden: int = 128):
     )  # fmt: skip
 
 
+def tie_positional_embeddings(model) -> None:
+    """Give the prompt encoder the image's random Fourier frequencies, as every released SAM-2 has them.
+
+    SAM-2 encodes a prompt point and each image position with one shared random matrix, so that a point's code
+    matches the code of the pixels under it. transformers' `Sam2Model` holds two copies
+    (`shared_image_embedding`, `prompt_encoder.shared_embedding`); converted checkpoints load the same tensor into
+    both, but a model built from a config draws them independently, and a point or box prompt then names a
+    position in a code the image does not use."""
+    model.prompt_encoder.shared_embedding.positional_embedding.copy_(
+        model.shared_image_embedding.positional_embedding
+    )
+
+
 def build_tiny_sam2(
     out_dir: str | Path, size: int = 128, hidden: int = 64, seed: int = 0, video: bool = False
 ) -> Path:
@@ -86,6 +99,8 @@ def build_tiny_sam2(
         model = Sam2VideoModel(tiny_sam2_video_config(size, max(hidden, 128)))
     else:
         model = Sam2Model(tiny_sam2_config(size, hidden))
+    with torch.no_grad():
+        tie_positional_embeddings(model)
     out = Path(out_dir)
     model.save_pretrained(out)
     logger.info("wrote a tiny %s (%.2f M params) to %s", type(model).__name__,
