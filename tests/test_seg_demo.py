@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from swim.demos.seg_demo import BASELINE, REFERENCES, SegDemoConfig, main
+from swim.demos.seg_demo import BASELINE, REFERENCES, SegDemoConfig, baseline_above_named_colour, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "seg_demo.yaml"
@@ -95,6 +95,8 @@ def test_quick_seed_report_md_has_the_table_and_overlays(quick_run):
         assert f"| `{name}` | {run['J']:.3f} | {run['F']:.3f} | **{run['JF']:.3f}** |" in text
     for label in REFERENCES.values():
         assert f"| reference: {label} |" in text
+    met = report["runs"][BASELINE]["JF"] > report["references"]["named_colour"]["JF"]
+    assert f"**{'met' if met else 'not met'}** (J&F {report['runs'][BASELINE]['JF']:.3f} against" in text
     overlays = sorted((out / "seed_0" / "overlays").glob("*.png"))
     assert [p.name for p in overlays] == ["val_00000.png", "val_00001.png"]
     assert all(f"]({p.relative_to(out / 'seed_0')})" in text for p in overlays)
@@ -125,6 +127,17 @@ def test_quick_seeds_report_has_the_per_seed_table(quick_run):
         jf = seed["runs"][name]["JF"]
         assert f"| `{name}` | {jf:.3f} | {jf:.3f} ± 0.000 |" in text
     assert "[seed 0](seed_0/report.md)" in text
+    met = seed["runs"][BASELINE]["JF"] > seed["references"]["named_colour"]["JF"]
+    assert (
+        saved["baseline_above_named_colour"] == [met]
+        and f"in every seed: **{'met' if met else 'not met'}**" in text
+    )
+
+
+def test_baseline_target_by_hand():
+    references = {"named_colour": {"JF": 0.58}}
+    assert baseline_above_named_colour({BASELINE: {"JF": 0.63}}, references)
+    assert not baseline_above_named_colour({BASELINE: {"JF": 0.58}}, references)  # equal is not above
 
 
 @pytest.mark.parametrize(
@@ -172,6 +185,7 @@ def test_demo_starts_from_the_cached_pretrained_llm_and_sam(tmp_path):
     sam_base = next((tmp_path / "cache").glob("sam2-*"))
     assert str(llm_base) in report["starts"]["llm"] and "vision tower frozen" in report["starts"]["llm"]
     assert str(sam_base) in report["starts"]["sam"] and "image encoder frozen" in report["starts"]["sam"]
+    assert "colour_shape of each embedding cell, held-out accuracy" in report["starts"]["sam"]
     head_sam = Sam2Config.from_pretrained(tmp_path / "out" / BASELINE / "seg_head" / "sam2")
     assert (
         head_sam.mask_decoder_config.hidden_size == 32

@@ -109,7 +109,7 @@ class ScenePool:
     classes: np.ndarray  # int `[N, K]`: 1 + the index of each object's class (`object_class`; 0: absent)
 
     @classmethod
-    def draw(cls, synth, count: int, seed: int, labels: str = "shape") -> ScenePool:
+    def draw(cls, synth, count: int, seed: int, labels: str = "colour_shape") -> ScenePool:
         from swim.data.synth.shapes import sample_scene
 
         scenes = [sample_scene(np.random.default_rng([seed, i]), synth) for i in range(count)]
@@ -137,8 +137,8 @@ def sample_prompts(pool: ScenePool, rng: np.random.Generator, count: int, per_fr
     objects visible there (repeated only when fewer are visible), a uniform point among each one's pixels (pixel
     centres, frame coordinates). Several prompts on one frame teach the decoder that the point, not the image,
     decides the mask. -> (frames uint8 `[B, H, W, 3]`, points float `[B, n, 2]` as (x, y), masks Bool `[B, n, H, W]`,
-    each frame's shape classes int `[B, H, W]`, `ScenePool.label_maps`)."""
-    frames, points, masks, shapes = [], [], [], []
+    each frame's pixel classes int `[B, H, W]`, `ScenePool.label_maps`)."""
+    frames, points, masks, labels = [], [], [], []
     while len(frames) < count:
         i, t = int(rng.integers(pool.frames.shape[0])), int(rng.integers(pool.frames.shape[1]))
         visible = [j for j in range(pool.masks.shape[2]) if pool.masks[i, t, j].any()]
@@ -153,8 +153,8 @@ def sample_prompts(pool: ScenePool, rng: np.random.Generator, count: int, per_fr
         frames.append(pool.frames[i, t])
         points.append(frame_points)
         masks.append(pool.masks[i, t, chosen])
-        shapes.append(pool.label_maps(i, t))
-    return np.stack(frames), np.asarray(points, np.float32), np.stack(masks), np.stack(shapes)
+        labels.append(pool.label_maps(i, t))
+    return np.stack(frames), np.asarray(points, np.float32), np.stack(masks), np.stack(labels)
 
 
 def area_fractions(masks: np.ndarray, side: int) -> torch.Tensor:
