@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "seg tiny-sam2": ("swim.seg.sam2", "write a tiny random SAM-2 checkpoint (tests, CPU demo)"),
     "seg pretrain-sam2": (
         "swim.demos.sam_base",
-        "the segmentation demo's class-agnostic tiny SAM-2 (point prompts -> masks), cached by hash",
+        "the segmentation demo's pretrained tiny SAM-2 (boxes -> masks + cell labels), cached by hash",
     ),
     "seg demo": (
         "swim.demos.seg_demo",
