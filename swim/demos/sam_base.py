@@ -203,11 +203,11 @@ def prompted(sam, kind: str, frames: np.ndarray, points: np.ndarray, masks: np.n
 
 
 def mean_iou(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean IoU of `logits > 0` against `target > 0.5`, both `[B, m, m]`."""
-    pred, truth = logits > 0, target > 0.5
-    inter = (pred & truth).flatten(1).sum(1).float()
-    union = (pred | truth).flatten(1).sum(1).clamp_min(1).float()
-    return float((inter / union).mean())
+    """Mean J (`swim.eval.segmentation.region_similarity`) of `logits > 0` against `target > 0.5`, `[B, m, m]`."""
+    from swim.eval.segmentation import region_similarity
+
+    pred, truth = (logits > 0).cpu().numpy(), (target > 0.5).cpu().numpy()
+    return float(np.mean([region_similarity(p, t) for p, t in zip(pred, truth)]))
 
 
 # ---------------------------------------------------------------------------------------------------------
