@@ -476,8 +476,8 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
     text = f"""# Segmentation demo over seeds {", ".join(str(r["seed"]) for r in reports)}
 
 The whole demo (`{Path(first["recipe"]).name}`, {first["steps"]} steps, {first["demo_config"]["num_val"]} held-out
-videos) once per seed; the seed sets the data, both tiny models' initialisation and training. J&F on every frame of
-the held-out videos; standard deviations over seeds (n − 1). Criterion (issue 11): J&F(mba) − J&F(seg) ≥ {MARGIN}
+videos) once per seed; the seed sets the data, the new modules' initialisation and the training order (and, where a
+run starts from random tiny models, theirs). J&F on every frame of the held-out videos; standard deviations over seeds (n − 1). Criterion (issue 11): J&F(mba) − J&F(seg) ≥ {MARGIN}
 and ≥ {SPREAD_FACTOR:g}× the seed spread (the larger standard deviation of the two runs), with the `{CONTROL}` control
 not reaching it.
 
