@@ -136,8 +136,9 @@ def sample_prompts(pool: ScenePool, rng: np.random.Generator, count: int, per_fr
     """`count` frames, each with `per_frame` (point, mask) prompts: a random frame of a random scene, distinct
     objects visible there (repeated only when fewer are visible), a uniform point among each one's pixels (pixel
     centres, frame coordinates). Several prompts on one frame teach the decoder that the point, not the image,
-    decides the mask. -> (frames uint8 `[B, H, W, 3]`, points float `[B, n, 2]` as (x, y), masks Bool `[B, n, H, W]`,
-    each frame's pixel classes int `[B, H, W]`, `ScenePool.label_maps`)."""
+    decides the mask. A box prompt (`prompt: box`) is built from the mask instead, in `prompted`. -> (frames uint8
+    `[B, H, W, 3]`, points float `[B, n, 2]` as (x, y), masks Bool `[B, n, H, W]`, each frame's pixel classes int
+    `[B, H, W]`, `ScenePool.label_maps`)."""
     frames, points, masks, labels = [], [], [], []
     while len(frames) < count:
         i, t = int(rng.integers(pool.frames.shape[0])), int(rng.integers(pool.frames.shape[1]))

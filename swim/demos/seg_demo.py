@@ -404,8 +404,8 @@ def write_report(out: Path, report: dict, images: list[Path]) -> None:
 
 The LLM starts from {report["starts"]["llm"]}; SAM-2 from {report["starts"]["sam"]}. Both are fine-tuned
 jointly on synthetic videos of coloured shapes (`{Path(report["recipe"]).name}`, {report["steps"]} steps, SWIM
-attention loss on in every run); {cfg["num_val"]} held-out videos, every frame decoded independently, J / F / J&F as DAVIS defines them (RVOS practice: per
-expression, all frames). Runs: {", ".join(f"`{k}` {v}" for k, v in cfg["runs"].items())}.
+attention loss on in every run); {cfg["num_val"]} held-out videos, every frame decoded independently, J / F / J&F
+as DAVIS defines them (RVOS practice: per expression, all frames). Runs: {", ".join(f"`{k}` {v}" for k, v in cfg["runs"].items())}.
 Wall time {report["seconds"]:.0f} s (training {report["train_seconds"]:.0f} s, {report["train_cpu_seconds"]:.0f} CPU
 seconds over the runs; load average at the end {report["load_average"]:.1f} on this machine).
 
@@ -477,9 +477,9 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
 
 The whole demo (`{Path(first["recipe"]).name}`, {first["steps"]} steps, {first["demo_config"]["num_val"]} held-out
 videos) once per seed; the seed sets the data, the new modules' initialisation and the training order (and, where a
-run starts from random tiny models, theirs). J&F on every frame of the held-out videos; standard deviations over seeds (n − 1). Criterion (issue 11): J&F(mba) − J&F(seg) ≥ {MARGIN}
-and ≥ {SPREAD_FACTOR:g}× the seed spread (the larger standard deviation of the two runs), with the `{CONTROL}` control
-not reaching it.
+run starts from random tiny models, theirs). J&F on every frame of the held-out videos; standard deviations over
+seeds (n − 1). Criterion (issue 11): J&F(mba) − J&F(seg) ≥ {MARGIN} and ≥ {SPREAD_FACTOR:g}× the seed spread
+(the larger standard deviation of the two runs), with the `{CONTROL}` control not reaching it.
 
 {chr(10).join(lines)}
 
