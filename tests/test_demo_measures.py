@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from swim.data.synth.shapes import SceneObject, SynthConfig, inventory_record, sample_scene, shape_mask
-from swim.demos.swim_demo import distractor_dependence, shade_variants
+from swim.demos.swim_demo import distractor_dependence, paired_gap, shade_variants
 
 
 def _scene(*objects):
@@ -130,3 +130,24 @@ def test_demo_config_without_shades_fails_before_training(tmp_path):
     (tmp_path / "demo.yaml").write_text(text)
     with pytest.raises(ValueError, match=r"demo\.yaml: synth\.shades"):
         DemoConfig.from_yaml(tmp_path / "demo.yaml")
+
+
+def test_paired_gap_counts_only_the_items_the_arms_disagree_on():
+    # 10 items: both right on 5, first alone right on 3, second alone on 1, both wrong on 1
+    first = [True] * 5 + [True] * 3 + [False] + [False]
+    second = [True] * 5 + [False] * 3 + [True] + [False]
+    result = paired_gap(first, second)
+    assert (result["first_only"], result["second_only"], result["n"]) == (3, 1, 10)
+    assert result["gap"] == pytest.approx(0.2)
+    differences = np.array(first, float) - np.array(second, float)
+    assert result["se"] == pytest.approx(differences.std() / np.sqrt(10))  # SE of the per-item difference
+    assert paired_gap([True, False], [True, False]) == {
+        "gap": 0.0,
+        "se": 0.0,
+        "first_only": 0,
+        "second_only": 0,
+        "n": 2,
+    }
+    assert paired_gap([True, True], [False, False])["se"] == 0.0  # always apart by one: no spread
+    with pytest.raises(ValueError, match="same items"):
+        paired_gap([True], [True, False])

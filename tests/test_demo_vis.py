@@ -62,6 +62,12 @@ def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
                 assert answers["chance"] == 0.5 and 0 <= answers["accuracy"] <= 1
                 assert 0 < answers["records"] <= 6
             assert 0 < split["chance"] < 1 and 0 < split["chance_colour_only"] <= 1
+            gap, answers = split["answers_gap"], (split["swim"]["answers"], split["baseline"]["answers"])
+            assert gap["n"] == answers[0]["dependent_records"] == len(answers[1]["dependent_correct"])
+            if gap["n"]:
+                assert gap["gap"] == pytest.approx(
+                    answers[0]["dependent_accuracy"] - answers[1]["dependent_accuracy"]
+                )
         assert saved["splits"]["val_shifted"]["records"] == 3 and saved["steps"] == 2
         text = (out / f"seed_{seed}" / "report.md").read_text()
         assert saved["verdict"] in text and "held-out, shifted" in text
@@ -72,7 +78,9 @@ def test_demo_over_seeds_writes_reports_with_both_splits(tmp_path, monkeypatch):
     assert summary["seeds"] == [0, 1] and len(summary["values"]["SWIM − NTP"]) == 2
     table = (out / "report.md").read_text()
     assert "| 0 |" in table and "| 1 |" in table and "mean ± std" in table and "shifted: colour-only" in table
-    assert "base zero-shot" in table and "answers dep.: SWIM" in table
+    assert (
+        "base zero-shot" in table and "answers dep.: SWIM" in table and "answers dep.: SE of the gap" in table
+    )
     bases = list((tmp_path / "cache").glob("base-*"))
     assert len(bases) == 1 and (bases[0] / "base.json").exists()  # built once, shared by both seeds
     # both arms start from the base with its vision tower frozen (recipe_overrides), the language model trained

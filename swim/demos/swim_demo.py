@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -241,12 +242,34 @@ def shade_answers(model, dataset, val_json: Path, shades: tuple[str, ...]) -> di
         "accuracy": sum(correct) / len(correct),
         "dependent_accuracy": sum(picked) / len(picked) if picked else float("nan"),
         "dependent_records": len(picked),
+        "dependent_correct": picked,  # per dependent record, in the held-out file's order (paired across arms)
         "records": len(correct),
         "chance": 1 / n,
         "chance_colour_only_dependent": (
             sum(c for c, d in zip(colour_only, dependent) if d) / len(picked) if picked else float("nan")
         ),
     }
+
+
+def paired_gap(first: list[bool], second: list[bool]) -> dict:
+    """Accuracy gap of two models scored on the same items, first − second, with its paired standard error.
+
+    `first`, `second`: per-item correctness, same items in the same order. Only the items where the two disagree
+    move the gap: with `first_only` / `second_only` such items and n items, gap = (first_only − second_only) / n
+    and SE = sqrt(first_only + second_only − n·gap²) / n (the sample standard error of the per-item difference).
+    """
+    if len(first) != len(second):
+        raise ValueError(
+            f"paired_gap: {len(first)} against {len(second)} items; both must score the same items"
+        )
+    n = len(first)
+    first_only = sum(a and not b for a, b in zip(first, second))
+    second_only = sum(b and not a for a, b in zip(first, second))
+    if n == 0:
+        return {"gap": float("nan"), "se": float("nan"), "first_only": 0, "second_only": 0, "n": 0}
+    gap = (first_only - second_only) / n
+    se = math.sqrt(max(first_only + second_only - n * gap * gap, 0.0)) / n
+    return {"gap": gap, "se": se, "first_only": first_only, "second_only": second_only, "n": n}
 
 
 METRIC_ROWS = [
@@ -275,7 +298,7 @@ def _split_section(report: dict, split: str) -> str:
     ]
     rows += [f"| {label} | " + " | ".join(f"{result[a]['answers'][key]:.3f}" for a in arms) + " |"
              for key, label in ANSWER_ROWS]  # fmt: skip
-    answers = result["swim"]["answers"]
+    answers, gap = result["swim"]["answers"], result["answers_gap"]
     colour = result["chance_colour_only"]
     colour_line = f"{colour:.3f}" if colour is not None else "n/a (no scene metadata)"
     return f"""### {SPLITS[split]} ({result["records"]} videos, {result["swim"]["pairs"]} (word token, temporal group) pairs)
@@ -288,7 +311,8 @@ Shade answers (the task-level measure, docs/demo_design.md §7): every answer th
 shade (bright or dark; never named in the question) scored with each shade, the most likely one taken;
 {answers["dependent_records"]} of {answers["records"]} have a same-colour distractor of the other shade. Chance:
 {answers["chance"]:.3f}; answering with the shade of a random object of the named colour scores
-{answers["chance_colour_only_dependent"]:.3f} on those.
+{answers["chance_colour_only_dependent"]:.3f} on those. SWIM − NTP only on them: **{gap["gap"]:+.3f} ± {gap["se"]:.3f}**
+(paired standard error; SWIM alone right on {gap["first_only"]}, NTP only alone on {gap["second_only"]}).
 
 Chance levels for the pointing game: a uniformly random token **{result["chance"]:.3f}** (uniform attention puts
 {result["swim"]["chance_mask_mass"]:.3f} of its mass on the object); a model that finds the *named colour* but not the shape
@@ -416,6 +440,11 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             "chance": results["swim"]["chance_pointing_game"],
             "chance_colour_only": colour_only_chance(paths[split], data_args, family),
             "records": len(handles[split]["swim"][1]),
+            # SWIM − NTP on the distractor-dependent shade answers, with its paired standard error
+            "answers_gap": paired_gap(
+                results["swim"]["answers"]["dependent_correct"],
+                results["baseline"]["answers"]["dependent_correct"],
+            ),
         }
 
     # ---- figures
@@ -476,6 +505,8 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
         ("base zero-shot", "val", lambda r: r["splits"]["val"]["base"]["pointing_game"]),
         ("answers dep.: SWIM", "val", lambda r: r["splits"]["val"]["swim"]["answers"]["dependent_accuracy"]),
         ("answers dep.: NTP-only", "val", lambda r: r["splits"]["val"]["baseline"]["answers"]["dependent_accuracy"]),
+        ("answers dep.: SWIM − NTP", "val", lambda r: r["splits"]["val"]["answers_gap"]["gap"]),
+        ("answers dep.: SE of the gap", "val", lambda r: r["splits"]["val"]["answers_gap"]["se"]),
         ("answers dep.: colour-only", "val",
          lambda r: r["splits"]["val"]["swim"]["answers"]["chance_colour_only_dependent"]),
         ("shifted: SWIM", "val_shifted", lambda r: r["splits"]["val_shifted"]["swim"]["pointing_game"]),
@@ -486,6 +517,10 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
         ("shifted: random token", "val_shifted", lambda r: r["splits"]["val_shifted"]["chance"]),
     ]  # fmt: skip
     columns = [c for c in columns if all(c[1] in r["splits"] for r in reports)]
+    if not all("answers_gap" in r["splits"]["val"] for r in reports):  # reports written before it was added
+        columns = [
+            c for c in columns if not c[0].startswith(("answers dep.: SWIM − NTP", "answers dep.: SE"))
+        ]
     if not all("base" in r["splits"]["val"] for r in reports):
         columns = [c for c in columns if c[0] != "base zero-shot"]
     values = {label: [get(r) for r in reports] for label, _, get in columns}
