@@ -59,8 +59,8 @@ test: setup lint
 demo: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --out runs/demo
 
-# The demo once per seed (not part of `make demo` or the suite): about 5 minutes per seed on 2 cores, plus the
-# pretrained base once if `make demo` has not built it. The design was piloted on seeds 0 and 7 (and 1) only.
+# The demo once per seed (not part of `make demo` or the suite): about 6.5 minutes per seed on 2 cores, plus the
+# pretrained base once if `make demo` has not built it. Pilots used seeds 0, 1, 3 and 7 (docs/demo_design.md §7).
 demo-seeds: setup
 	$(BIN)/swim demo --config recipes/demo.yaml --seeds 0 1 2 3 4 7 11 --out runs/demo-seeds
 
