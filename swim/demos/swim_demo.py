@@ -256,7 +256,7 @@ def paired_gap(first: list[bool], second: list[bool]) -> dict:
 
     `first`, `second`: per-item correctness, same items in the same order. Only the items where the two disagree
     move the gap: with `first_only` / `second_only` such items and n items, gap = (first_only − second_only) / n
-    and SE = sqrt(first_only + second_only − n·gap²) / n (the sample standard error of the per-item difference).
+    and SE = sqrt(first_only + second_only − n·gap²) / n (the standard error of the mean per-item difference).
     """
     if len(first) != len(second):
         raise ValueError(
@@ -517,10 +517,6 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
         ("shifted: random token", "val_shifted", lambda r: r["splits"]["val_shifted"]["chance"]),
     ]  # fmt: skip
     columns = [c for c in columns if all(c[1] in r["splits"] for r in reports)]
-    if not all("answers_gap" in r["splits"]["val"] for r in reports):  # reports written before it was added
-        columns = [
-            c for c in columns if not c[0].startswith(("answers dep.: SWIM − NTP", "answers dep.: SE"))
-        ]
     if not all("base" in r["splits"]["val"] for r in reports):
         columns = [c for c in columns if c[0] != "base zero-shot"]
     values = {label: [get(r) for r in reports] for label, _, get in columns}
