@@ -537,7 +537,8 @@ def seeds_report(reports: list[dict], out: Path) -> dict:
 The whole demo (`{first["recipe"]}`, {first["steps"]} steps, {first["val_records"]} held-out videos) once per seed;
 the seed sets the synthetic data and the training order (and, without a base, the tiny model's initialisation).
 Pointing game @1 on the held-out splits, fused over the supervised layers {first["layers"]}; "SWIM − NTP" is the
-paired gap within a seed. Standard deviations are over seeds (n − 1). Chance levels are per seed (each seed draws its own held-out videos).
+paired gap within a seed. Standard deviations are over seeds (n − 1). Chance levels are per seed (each seed draws
+its own held-out videos).
 
 {chr(10).join(lines)}
 
